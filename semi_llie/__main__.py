@@ -1,0 +1,3 @@
+from semi_llie.cli import main
+
+raise SystemExit(main())
