@@ -1,0 +1,114 @@
+"""`manifest.json`: the index of a shard folder (format in shards/README.md).
+
+A shard *location* is where manifest.json and the shards live:
+- a local folder (or the path of a manifest file in it),
+- a URL webdataset can open (`https://host/shards`, `gs://bucket/shards`, ...): names are joined with "/",
+- a `pipe:` command with `{}` where the file name goes, e.g. `pipe:aws s3 cp s3://bucket/shards/{} -`.
+Shard URLs in the manifest are names relative to the location, so a folder can be moved or uploaded as is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from semi_llie.errors import UserError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "semi-llie-shards"
+VERSION = 1
+
+
+def part_manifest_name(index: int, count: int) -> str:
+    return f"manifest.part-{index}-of-{count}.json"
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    name: str  # file name relative to the location
+    split: str
+    subset: str  # the test set name for test shards, "" otherwise
+    samples: int
+    bytes: int
+    sha256: str
+    has_high: bool
+
+
+class Manifest:
+    """A loaded manifest plus the location it came from; resolves shard names to readable URLs."""
+
+    def __init__(self, data: dict[str, Any], location: str) -> None:
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise UserError(
+                f"{location} is not a {FORMAT} v{VERSION} manifest; rebuild it with `semi-llie shards build`"
+            )
+        self.data = data
+        self.location = location
+        self.shards = [ShardEntry(**entry) for entry in data["shards"]]
+
+    @classmethod
+    def open(cls, location: str | os.PathLike[str]) -> Manifest:
+        """Read the manifest of a shard location (see the module docstring for the accepted forms)."""
+        location = str(location)
+        if _is_local(location) and Path(location).is_file():
+            location = str(Path(location).parent)
+        url = resolve(location, MANIFEST_NAME)
+        # Imported here: webdataset imports torch, which the shard builder's processes do not need.
+        from webdataset.gopen import gopen
+
+        try:
+            with gopen(url, "rb") as stream:
+                data = json.loads(stream.read())
+        except FileNotFoundError as err:
+            parts = sorted(Path(location).glob("manifest.part-*.json")) if _is_local(location) else []
+            hint = " (part manifests found: run `semi-llie shards merge`)" if parts else ""
+            raise UserError(f"no {MANIFEST_NAME} at {location}{hint}; build shards first") from err
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read {url}: {err}; check the shard location") from err
+        return cls(data, location)
+
+    def url(self, shard: ShardEntry) -> str:
+        return resolve(self.location, shard.name)
+
+    def shards_of(self, split: str, subset: str | None = None) -> list[ShardEntry]:
+        """Shards of a split (and test subset), in manifest order (sorted by name)."""
+        return [s for s in self.shards if s.split == split and (subset is None or s.subset == subset)]
+
+    def num_samples(self, split: str, subset: str | None = None) -> int:
+        return sum(s.samples for s in self.shards_of(split, subset))
+
+
+def resolve(location: str, name: str) -> str:
+    """URL of file `name` at `location` (local folder, URL, or `pipe:` command with `{}`)."""
+    if location.startswith("pipe:"):
+        if "{}" not in location:
+            raise UserError(f"pipe: location {location!r} needs '{{}}' where the file name goes")
+        return location.replace("{}", name)
+    if _is_local(location):
+        return str(Path(location) / name)
+    return location.rstrip("/") + "/" + name
+
+
+def _is_local(location: str) -> bool:
+    return "://" not in location and not location.startswith("pipe:")
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Deterministic JSON (sorted keys), written to a temporary file, synced, then renamed."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump(data, file, indent=1, sort_keys=True)
+        file.write("\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read manifest {path}: {err}") from err

@@ -1,0 +1,246 @@
+"""Find the samples to pack: pairs matched by stem, unlabeled images, the seed layout, the seeded split.
+
+Every problem with the inputs names the files involved. Problems that concern single files (an unmatched
+file, a non-image file) are `SkippableInputError`s: the builder stops on them unless `--skip-bad`, in which
+case they are listed in the manifest. Problems that make the input ambiguous (duplicate stems, duplicate
+keys, an empty or missing folder) always stop the build.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from semi_llie.data.images import is_image_file
+from semi_llie.data.problems import SkippableInputError
+from semi_llie.errors import UserError
+
+SPLITS = ("labeled", "unlabeled", "val", "test")
+
+# Documentation and metadata that dataset folders commonly carry (README.md, MANIFEST.tsv, ...): ignored
+# (and listed in the manifest) rather than reported as "not an image".
+SIDECAR_SUFFIXES = frozenset({".md", ".txt", ".tsv", ".csv", ".json", ".yaml", ".yml", ".rst"})
+
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample to build. `high` is None for unlabeled images and for test sets without ground truth."""
+
+    key: str
+    split: str
+    subset: str
+    low: Path
+    high: Path | None = None
+
+
+@dataclass
+class Inputs:
+    samples: list[Sample] = field(default_factory=list)
+    skipped: list[SkippableInputError] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Collector:
+    """Accumulates samples and problems; `skip_bad` decides whether a skippable problem raises."""
+
+    skip_bad: bool
+    inputs: Inputs = field(default_factory=Inputs)
+
+    def problem(self, error: SkippableInputError) -> None:
+        if not self.skip_bad:
+            raise error
+        self.inputs.skipped.append(error)
+
+    def list_images(self, folder: Path) -> dict[str, Path]:
+        """Images under `folder` (recursively) by relative stem, e.g. "night/0001" for night/0001.png."""
+        if not folder.is_dir():
+            raise UserError(f"input folder {folder} does not exist or is not a folder; check the path")
+        images: dict[str, Path] = {}
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            relative = path.relative_to(folder)
+            if (
+                any(part.startswith(".") for part in relative.parts)
+                or path.suffix.lower() in SIDECAR_SUFFIXES
+            ):
+                self.inputs.ignored.append(str(path))
+                continue
+            if not is_image_file(path):
+                self.problem(SkippableInputError([path], f"{path} is not an image file (unknown suffix)"))
+                continue
+            stem = relative.with_suffix("").as_posix()
+            if stem in images:
+                raise UserError(
+                    f"duplicate stem {stem!r} in {folder}: {images[stem]} and {path}; "
+                    "rename or remove one of them so every stem names one image"
+                )
+            images[stem] = path
+        if not images:
+            raise UserError(f"input folder {folder} contains no images; check the path")
+        return images
+
+    def pairs(self, low_dir: Path, high_dir: Path) -> list[tuple[str, Path, Path]]:
+        """(stem, low, high) for every stem present in both folders; unmatched files are problems."""
+        low, high = self.list_images(low_dir), self.list_images(high_dir)
+        for stem in sorted(low.keys() - high.keys()):
+            self.problem(
+                SkippableInputError([low[stem]], f"{low[stem]} has no match with stem {stem!r} in {high_dir}")
+            )
+        for stem in sorted(high.keys() - low.keys()):
+            self.problem(
+                SkippableInputError(
+                    [high[stem]], f"{high[stem]} has no match with stem {stem!r} in {low_dir}"
+                )
+            )
+        return [(stem, low[stem], high[stem]) for stem in sorted(low.keys() & high.keys())]
+
+
+def collect_inputs(
+    pairs: Iterable[tuple[Path, Path]] = (),
+    unlabeled: Iterable[Path] = (),
+    roots: Iterable[Path] = (),
+    *,
+    val_fraction: float | None = None,
+    test_fraction: float | None = None,
+    seed: int = 0,
+    skip_bad: bool = False,
+) -> Inputs:
+    """Every sample of the build, with its split and key, sorted by (split, subset, key).
+
+    `--pairs` folders and `ROOT/labeled` are split into labeled/val/test by `split_pairs` when no root has a
+    `val/` folder; `val_fraction`/`test_fraction` of None mean "0.1 / 0 when splitting, else 0".
+    """
+    collector = _Collector(skip_bad)
+    tags = _TagAllocator()
+    labeled_pairs: list[tuple[str, str, Path, Path]] = []  # (tag, stem, low, high)
+    fixed: list[tuple[str, str, str, Path, Path | None]] = []  # (split, tag, stem, low, high)
+    has_val_split = False
+
+    for low_dir, high_dir in pairs:
+        tag = tags.new(Path(low_dir).resolve().parent.name or Path(low_dir).name)
+        labeled_pairs += [(tag, s, lo, hi) for s, lo, hi in collector.pairs(Path(low_dir), Path(high_dir))]
+    for folder in unlabeled:
+        tag = tags.new(Path(folder).resolve().name)
+        fixed += [("unlabeled", tag, s, p, None) for s, p in collector.list_images(Path(folder)).items()]
+    for root in map(Path, roots):
+        if not root.is_dir():
+            raise UserError(f"--root {root} does not exist or is not a folder; check the path")
+        tag = tags.new(root.resolve().name)
+        known = {"labeled", "unlabeled", "val", "test"}
+        if not any((root / name).is_dir() for name in known):
+            raise UserError(
+                f"--root {root} has none of labeled/, unlabeled/, val/, test/; "
+                "see shards/README.md for the expected layout"
+            )
+        if (root / "labeled").is_dir():
+            labeled_pairs += [
+                (tag, s, lo, hi) for s, lo, hi in collector.pairs(root / "labeled/input", root / "labeled/GT")
+            ]
+        if (root / "unlabeled").is_dir():
+            fixed += [
+                ("unlabeled", tag, s, p, None)
+                for s, p in collector.list_images(root / "unlabeled/input").items()
+            ]
+        if (root / "val").is_dir():
+            has_val_split = True
+            fixed += [
+                ("val", tag, s, lo, hi) for s, lo, hi in collector.pairs(root / "val/input", root / "val/GT")
+            ]
+        for test_dir in sorted(p for p in (root / "test").glob("*") if p.is_dir()):
+            test_tag = tags.new(test_dir.name)
+            if (test_dir / "GT").is_dir():
+                found = collector.pairs(test_dir / "input", test_dir / "GT")
+                fixed += [("test", test_tag, s, lo, hi) for s, lo, hi in found]
+            else:
+                fixed += [
+                    ("test", test_tag, s, p, None)
+                    for s, p in collector.list_images(test_dir / "input").items()
+                ]
+
+    if has_val_split and (val_fraction or test_fraction):
+        raise UserError(
+            "--val-fraction/--test-fraction split the labeled pairs, but a --root already has a val/ split; "
+            "drop the fractions or the val/ folder"
+        )
+    split_of = split_pairs(
+        sorted((tag, stem) for tag, stem, _, _ in labeled_pairs),
+        val_fraction=0.0 if has_val_split else (0.1 if val_fraction is None else val_fraction),
+        test_fraction=test_fraction or 0.0,
+        seed=seed,
+    )
+    for tag, stem, low, high in labeled_pairs:
+        fixed.append((split_of[(tag, stem)], tag, stem, low, high))
+
+    samples = [
+        Sample(sample_key(split, tag, stem), split, tag, low, high) for split, tag, stem, low, high in fixed
+    ]
+    _check_unique_keys(samples)
+    collector.inputs.samples = sorted(samples, key=lambda s: (SPLITS.index(s.split), s.subset, s.key))
+    if not collector.inputs.samples:
+        raise UserError("no samples to build; pass --pairs, --unlabeled or --root with images")
+    return collector.inputs
+
+
+def split_pairs(
+    items: list[tuple[str, str]], *, val_fraction: float, test_fraction: float, seed: int
+) -> dict[tuple[str, str], str]:
+    """Seeded split of sorted (tag, stem) items into labeled/val/test; independent of listing order."""
+    for name, fraction in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if not 0.0 <= fraction < 1.0:
+            raise UserError(f"{name} must be in [0, 1), got {fraction}")
+    if val_fraction + test_fraction >= 1.0:
+        raise UserError("--val-fraction + --test-fraction must leave some pairs for training (sum < 1)")
+    order = np.random.default_rng(seed).permutation(len(items))
+    # A positive fraction gets at least one pair, so "--val-fraction 0.1" on 5 pairs still validates.
+    n_val = max(round(len(items) * val_fraction), 1 if val_fraction > 0 else 0)
+    n_test = max(round(len(items) * test_fraction), 1 if test_fraction > 0 else 0)
+    if items and n_val + n_test >= len(items):
+        raise UserError(
+            f"{len(items)} labeled pairs are too few for --val-fraction {val_fraction} and "
+            f"--test-fraction {test_fraction}; lower the fractions or add pairs"
+        )
+    split_of = {}
+    for rank, index in enumerate(order):
+        split_of[items[index]] = "val" if rank < n_val else "test" if rank < n_val + n_test else "labeled"
+    return split_of
+
+
+def sample_key(split: str, tag: str, stem: str) -> str:
+    """`<split>_<tag>_<stem>` with every run of characters outside [A-Za-z0-9_-] replaced by "-".
+
+    WebDataset splits member names at the first dot, so keys must not contain dots (or slashes).
+    """
+    return "_".join(_UNSAFE_KEY_CHARS.sub("-", part).strip("-") or "x" for part in (split, tag, stem))
+
+
+def _check_unique_keys(samples: list[Sample]) -> None:
+    seen: dict[str, Sample] = {}
+    for sample in samples:
+        if sample.key in seen:
+            raise UserError(
+                f"{seen[sample.key].low} and {sample.low} both map to the sample key {sample.key!r}; "
+                "rename one of them (keys keep only letters, digits, '-' and '_')"
+            )
+        seen[sample.key] = sample
+
+
+class _TagAllocator:
+    """Source tags (the middle part of keys), unique: a second folder called "low" becomes "low-2"."""
+
+    def __init__(self) -> None:
+        self._used: set[str] = set()
+
+    def new(self, name: str) -> str:
+        base = _UNSAFE_KEY_CHARS.sub("-", name).strip("-") or "source"
+        tag, n = base, 1
+        while tag in self._used:
+            n += 1
+            tag = f"{base}-{n}"
+        self._used.add(tag)
+        return tag

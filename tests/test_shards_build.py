@@ -1,0 +1,284 @@
+"""`semi-llie shards build|verify|merge`: contents, determinism, bad input, leak guard, parts."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from shard_helpers import make_dataset, save, smooth_image
+
+from semi_llie.cli import main as cli
+from semi_llie.data.build import BuildConfig, build_shards
+from semi_llie.data.illumination import illumination_map
+from semi_llie.data.images import load_rgb8
+from semi_llie.data.sources import sample_key
+
+
+def build(out: Path, data: dict[str, Path], *extra: str) -> int:
+    args = ["shards", "build", "--pairs", str(data["low"]), str(data["high"]), "--out", str(out)]
+    if "unlabeled" in data:
+        args += ["--unlabeled", str(data["unlabeled"])]
+    return cli([*args, "--max-count", "2", "--val-fraction", "0.25", *extra])
+
+
+def members(out: Path) -> dict[str, bytes]:
+    """Every member of every shard in `out`: name -> bytes."""
+    found = {}
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            found.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    return found
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict[str, Path]:
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def built(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    assert build(out, dataset, "--crop-size", "48") == 0
+    return out
+
+
+def test_build_writes_samples_manifest_and_illumination(built, dataset):
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert manifest["splits"]["labeled"]["samples"] == 6
+    assert manifest["splits"]["val"]["samples"] == 2
+    assert manifest["splits"]["unlabeled"]["samples"] == 3
+    assert [s["name"] for s in manifest["shards"]][:2] == ["labeled-000000.tar", "labeled-000001.tar"]
+    files = members(built)
+    for shard in manifest["shards"]:
+        assert (built / shard["name"]).stat().st_size == shard["bytes"]
+    for record in manifest["samples"]:
+        key, low_path = record["key"], Path(record["sources"]["low"]["path"])
+        assert key.startswith(f"{record['split']}_") and "." not in key
+        low = decode(files[f"{key}.low.png"])
+        np.testing.assert_array_equal(low, load_rgb8(low_path))  # lossless
+        np.testing.assert_array_equal(decode(files[f"{key}.illum.png"]), illumination_map(low))
+        assert (f"{key}.high.png" in files) == (record["split"] != "unlabeled")
+        assert json.loads(files[f"{key}.json"])["size"] == [64, 96]
+    assert manifest["builder"]["arguments"]["max_count"] == 2
+    assert any(
+        path.endswith("syn0.png") for path in (r["sources"]["low"]["path"] for r in manifest["samples"])
+    )
+
+
+def test_tar_metadata_is_fixed(built):
+    with tarfile.open(built / "labeled-000000.tar") as tar:
+        infos = tar.getmembers()
+    assert {(i.mtime, i.uid, i.gid, i.uname, i.gname, i.mode) for i in infos} == {(0, 0, 0, "", "", 0o644)}
+
+
+def test_rebuild_is_byte_identical_with_workers(built, dataset, tmp_path):
+    assert build(tmp_path, dataset, "--crop-size", "48", "--workers", "2") == 0
+    first = {p.name: p.read_bytes() for p in built.iterdir()}
+    second = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert first == second
+
+
+def test_split_is_seeded_and_independent_of_listing_order(tmp_path, dataset):
+    cfg = dict(pairs=((str(dataset["low"]), str(dataset["high"])),), val_fraction=0.25, test_fraction=0.25)
+    one = build_shards(BuildConfig(out=tmp_path / "a", seed=1, **cfg))
+    same = build_shards(BuildConfig(out=tmp_path / "b", seed=1, **cfg))
+    other = build_shards(BuildConfig(out=tmp_path / "c", seed=2, **cfg))
+
+    def splits(m):
+        return {r["sources"]["low"]["path"]: r["split"] for r in m["samples"]}
+
+    assert splits(one) == splits(same) != splits(other)
+    assert sorted(splits(one).values()).count("test") == 2
+
+
+def test_keys_are_unique_and_file_name_safe():
+    assert sample_key("val", "my data", "a.b/c d") == "val_my-data_a-b-c-d"
+
+
+def test_converts_gray_rgba_palette_16bit_and_exif(tmp_path):
+    base = smooth_image(0)
+    gray = Image.fromarray(base[:, :, 0])
+    gray.save(tmp_path / "gray.png")
+    Image.fromarray(np.dstack([base, np.full(base.shape[:2], 7, np.uint8)])).save(tmp_path / "rgba.png")
+    Image.fromarray(base).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(base[:, :, 0].astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    Image.fromarray(base).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+
+    for name in ("gray.png", "rgba.png", "palette.png", "deep.png"):
+        pixels = load_rgb8(tmp_path / name)
+        assert pixels.dtype == np.uint8 and pixels.shape == (64, 96, 3), name
+    np.testing.assert_array_equal(load_rgb8(tmp_path / "deep.png")[:, :, 1], base[:, :, 0])
+    np.testing.assert_array_equal(load_rgb8(tmp_path / "rgba.png"), base)
+    assert load_rgb8(tmp_path / "rotated.jpg").shape == (96, 64, 3)  # upright: width and height swapped
+
+
+# --- bad input: each case stops with a message naming the file -------------------------------------
+
+
+def pairs_dir(tmp_path: Path, n: int = 3) -> dict[str, Path]:
+    for i in range(n):
+        save(tmp_path / "low" / f"{i}.png", smooth_image(i))
+        save(tmp_path / "high" / f"{i}.png", 255 - smooth_image(i))
+    return {"low": tmp_path / "low", "high": tmp_path / "high"}
+
+
+def error_of(capsys, code: int) -> str:
+    assert code == 2
+    return capsys.readouterr().err
+
+
+def test_corrupt_image_names_the_file(tmp_path, capsys):
+    data = pairs_dir(tmp_path)
+    bad = data["low"] / "1.png"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated
+    message = error_of(capsys, build(tmp_path / "out", data))
+    assert str(bad) in message and "--skip-bad" in message
+    assert not list((tmp_path / "out").glob("*.tar"))  # nothing half-written is left behind
+
+
+def test_skip_bad_lists_skipped_files_in_manifest_and_summary(tmp_path, capsys):
+    data = pairs_dir(tmp_path, 4)
+    bad = data["high"] / "2.png"
+    bad.write_bytes(b"not a png at all")
+    assert build(tmp_path / "out", data, "--skip-bad") == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [r["paths"] for r in manifest["skipped"]] == [[str(bad)]]
+    assert len(manifest["samples"]) == 3
+    assert f"skipped {bad}" in capsys.readouterr().out
+
+
+def test_pair_of_different_sizes_names_both_files(tmp_path, capsys):
+    data = pairs_dir(tmp_path)
+    save(data["high"] / "0.png", smooth_image(0, size=(50, 40)))
+    message = error_of(capsys, build(tmp_path / "out", data))
+    assert str(data["low"] / "0.png") in message and str(data["high"] / "0.png") in message
+    assert "different sizes" in message
+
+
+def test_duplicate_stems_name_both_files(tmp_path, capsys):
+    data = pairs_dir(tmp_path)
+    save(data["low"] / "1.jpg", smooth_image(1))
+    message = error_of(capsys, build(tmp_path / "out", data))
+    assert str(data["low"] / "1.png") in message and str(data["low"] / "1.jpg") in message
+
+
+def test_unmatched_file_is_named(tmp_path, capsys):
+    data = pairs_dir(tmp_path)
+    save(data["low"] / "lonely.png", smooth_image(9))
+    message = error_of(capsys, build(tmp_path / "out", data))
+    assert str(data["low"] / "lonely.png") in message and "no match" in message
+
+
+def test_empty_folder_is_named(tmp_path, capsys):
+    data = pairs_dir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    message = error_of(capsys, build(tmp_path / "out", {**data, "unlabeled": tmp_path / "empty"}))
+    assert str(tmp_path / "empty") in message and "no images" in message
+
+
+def test_non_image_file_is_named_but_readme_is_ignored(tmp_path, capsys):
+    data = pairs_dir(tmp_path)
+    (data["low"] / "README.md").write_text("about this folder")
+    (data["low"] / "clip.mp4").write_bytes(b"\x00" * 16)
+    message = error_of(capsys, build(tmp_path / "out", data))
+    assert str(data["low"] / "clip.mp4") in message and "not an image" in message
+    assert "README" not in message
+
+
+def test_small_images_are_kept_and_flagged(tmp_path, capsys):
+    data = pairs_dir(tmp_path)
+    assert build(tmp_path / "out", data, "--crop-size", "80") == 0  # images are 64×96
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert len(manifest["flags"]["smaller_than_crop"]) == len(manifest["samples"]) == 3
+    assert "smaller than the crop" in capsys.readouterr().out
+
+
+def test_leak_guard_finds_altered_copy_of_val_image(tmp_path, capsys):
+    data = make_dataset(tmp_path, n_lol=4, n_synthetic=0, n_unlabeled=0)
+    del data["unlabeled"]
+    assert build(tmp_path / "probe", data) == 0
+    manifest = json.loads((tmp_path / "probe" / "manifest.json").read_text())
+    val_low = Path(next(r for r in manifest["samples"] if r["split"] == "val")["sources"]["low"]["path"])
+    noise = np.random.default_rng(0).normal(0, 2, (64, 96, 3))
+    altered = np.clip(load_rgb8(val_low) * 1.2 + 3 + noise, 0, 255).astype(np.uint8)[1:-1, 1:-1]
+    copy = save(tmp_path / "unlabeled" / "copy.png", altered)
+    save(tmp_path / "unlabeled" / "other.png", smooth_image(42))
+    capsys.readouterr()
+    message = error_of(capsys, build(tmp_path / "out", {**data, "unlabeled": tmp_path / "unlabeled"}))
+    assert f"{copy} ~ {val_low}" in message and "other.png" not in message
+    assert build(tmp_path / "out", {**data, "unlabeled": tmp_path / "unlabeled"}, "--allow-overlap") == 0
+
+
+def test_root_layout_with_val_and_named_test_sets(tmp_path):
+    root = tmp_path / "LOLv1"
+    for split, n in (("labeled", 3), ("val", 2), ("test/lol15", 2)):
+        for i in range(n):
+            save(root / split / "input" / f"{i}.png", smooth_image(10 * len(split) + i))
+            save(root / split / "GT" / f"{i}.png", smooth_image(100 + 10 * len(split) + i))
+    save(root / "test" / "dicm" / "input" / "a.png", smooth_image(7))
+    save(root / "unlabeled" / "input" / "u.png", smooth_image(8))
+    manifest = build_shards(BuildConfig(out=tmp_path / "out", roots=(str(root),)))
+    counts = {split: info["samples"] for split, info in manifest["splits"].items()}
+    assert counts == {"labeled": 3, "unlabeled": 1, "val": 2, "test": 3}
+    test_shards = {s["subset"]: s["has_high"] for s in manifest["shards"] if s["split"] == "test"}
+    assert test_shards == {"dicm": False, "lol15": True}
+    assert "test_dicm_a" in {r["key"] for r in manifest["samples"]}
+
+
+def test_verify_reports_missing_truncated_and_altered_shards(built, tmp_path, capsys):
+    out = tmp_path / "copy"
+    out.mkdir()
+    for path in built.iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
+    assert cli(["shards", "verify", str(out)]) == 0
+    (out / "labeled-000000.tar").unlink()
+    truncated = out / "labeled-000001.tar"
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    altered = out / "val-000000.tar"
+    data = bytearray(altered.read_bytes())
+    data[700] ^= 0xFF
+    altered.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli(["shards", "verify", str(out)]) == 1
+    report = capsys.readouterr().out
+    assert "labeled-000000.tar: missing" in report
+    assert "labeled-000001.tar: truncated" in report
+    assert "val-000000.tar: altered" in report
+    assert "3 bad shard(s)" in report
+
+
+def test_parts_merged_equal_the_whole_build(built, dataset, tmp_path, capsys):
+    for index in (1, 2, 3):
+        assert build(tmp_path, dataset, "--crop-size", "48", "--part", f"{index}/3") == 0
+    assert cli(["shards", "merge", str(tmp_path)]) == 0
+    whole = json.loads((built / "manifest.json").read_text())
+    merged = json.loads((tmp_path / "manifest.json").read_text())
+
+    def without_shard(records):
+        return [{k: v for k, v in r.items() if k != "shard"} for r in records]
+
+    assert without_shard(merged["samples"]) == without_shard(whole["samples"])
+    assert merged["splits"]["labeled"]["samples"] == whole["splits"]["labeled"]["samples"]
+    assert merged["builder"]["arguments"] == whole["builder"]["arguments"]
+    assert members(tmp_path) == members(built)
+    assert all("-part" in s["name"] for s in merged["shards"])
+    assert cli(["shards", "verify", str(tmp_path)]) == 0
+
+
+def test_merge_needs_every_part_built_with_the_same_arguments(dataset, tmp_path, capsys):
+    assert build(tmp_path, dataset, "--part", "1/2") == 0
+    assert "manifest.part-2-of-2.json" in error_of(capsys, cli(["shards", "merge", str(tmp_path)]))
+    assert build(tmp_path, dataset, "--part", "2/2", "--seed", "5") == 0
+    message = error_of(capsys, cli(["shards", "merge", str(tmp_path)]))
+    assert "manifest.part-2-of-2.json" in message and "seed" in message
