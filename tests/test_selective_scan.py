@@ -1,0 +1,242 @@
+"""Every selective-scan backend agrees with the step-by-step reference, in the output and in the gradients.
+
+Tolerances: fp32 rtol 6e-4 / atol 2e-3 (mamba_ssm's own kernel tests). For bf16 and fp16 inputs both sides
+accumulate in fp32 and only the rounding of the inputs' dtype remains: bf16 (8 mantissa bits) rtol 2e-2 /
+atol 5e-2, fp16 (11 bits) rtol 5e-3 / atol 1e-2.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import warnings
+
+import pytest
+import torch
+
+from semi_llie.errors import ConfigError
+from semi_llie.ops import selective_scan, selective_scan_chunked, selective_scan_reference
+
+# the dispatch module itself (the package attribute of the same name is the function)
+dispatch = importlib.import_module("semi_llie.ops.selective_scan")
+
+CHANNELS, STATE = 8, 4
+INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+TOLERANCES = {
+    torch.float32: dict(rtol=6e-4, atol=2e-3),
+    torch.bfloat16: dict(rtol=2e-2, atol=5e-2),
+    torch.float16: dict(rtol=5e-3, atol=1e-2),
+}
+
+# The torch backend as the dispatcher runs it (one chunk group at these sizes), and with short chunks and a
+# workspace of 3 chunks (B·D·N = 64 here) so that the carries across chunks and across chunk groups, and a
+# last group with fewer chunks, are exercised.
+TORCH_VARIANTS = {
+    "torch-auto": functools.partial(selective_scan, backend="torch"),
+    "torch-chunks4-groups": functools.partial(
+        selective_scan_chunked, chunk_len=4, workspace_elements=3 * 4 * 64
+    ),
+    "torch-chunks16": functools.partial(selective_scan_chunked, chunk_len=16),
+}
+
+
+def cuda_kernel_ready() -> bool:
+    return torch.cuda.is_available() and dispatch.kernel_available()
+
+
+def make_inputs(
+    length: int,
+    groups: int,
+    *,
+    with_d: bool,
+    with_z: bool,
+    with_bias: bool,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    channels: int = CHANNELS,
+    state: int = STATE,
+) -> dict[str, torch.Tensor | None]:
+    """Inputs distributed like mamba_ssm's kernel tests; A is fp32, as in the Mamba block."""
+    generator = torch.Generator().manual_seed(length * 10 + groups)
+
+    def rand(*shape, scale=1.0, normal=True):
+        x = torch.randn(*shape, generator=generator) if normal else torch.rand(*shape, generator=generator)
+        return x * scale
+
+    inputs = {
+        "u": rand(2, channels, length).to(dtype),
+        "delta": rand(2, channels, length, scale=0.5, normal=False).to(dtype),
+        "A": rand(channels, state, scale=-0.5, normal=False),
+        "B": rand(2, groups, state, length).to(dtype),
+        "C": rand(2, groups, state, length).to(dtype),
+        "D": rand(channels) if with_d else None,
+        "z": rand(2, channels, length).to(dtype) if with_z else None,
+        "delta_bias": rand(channels, scale=0.5, normal=False) if with_bias else None,
+    }
+    return {k: None if v is None else v.to(device).requires_grad_() for k, v in inputs.items()}
+
+
+def run_with_grads(scan, inputs, *, softplus: bool, last_state: bool) -> list[torch.Tensor | None]:
+    """Outputs and the gradients of all inputs under a fixed random weighting of the outputs."""
+    inputs = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    result = scan(**inputs, delta_softplus=softplus, return_last_state=last_state)
+    out, state = result if last_state else (result, None)
+    generator = torch.Generator().manual_seed(0)
+    loss = (out.float() * torch.randn(out.shape, generator=generator).to(out.device)).sum()
+    if state is not None:
+        loss = loss + (state * torch.randn(state.shape, generator=generator).to(state.device)).sum()
+    loss.backward()
+    return [out, state] + [None if inputs[k] is None else inputs[k].grad for k in INPUT_NAMES]
+
+
+def assert_match(actual: list, expected: list, dtype: torch.dtype) -> None:
+    for name, a, e in zip(("out", "last_state", *INPUT_NAMES), actual, expected, strict=True):
+        assert (a is None) == (e is None), name
+        if e is not None:
+            assert a.dtype == e.dtype, name
+            torch.testing.assert_close(
+                a.float(), e.float(), **TOLERANCES[dtype], msg=lambda m, n=name: f"{n}: {m}"
+            )
+
+
+FLAG_SETS = [  # (with_d, with_z, with_bias, softplus, last_state)
+    (True, True, True, True, True),
+    (False, False, False, False, False),
+    (True, False, True, False, True),
+    (False, True, False, True, False),
+]
+SHAPES = [(1, 1), (7, 4), (65, 1), (65, 4), (300, 4)]  # (L, G): L not a multiple of any chunk length
+
+
+@pytest.mark.parametrize("variant", list(TORCH_VARIANTS))
+@pytest.mark.parametrize("length,groups", SHAPES)
+@pytest.mark.parametrize(
+    "flags", FLAG_SETS, ids=lambda f: "".join("DzbsL"[i] if on else "-" for i, on in enumerate(f))
+)
+def test_torch_backend_matches_reference(variant, length, groups, flags):
+    with_d, with_z, with_bias, softplus, last_state = flags
+    inputs = make_inputs(length, groups, with_d=with_d, with_z=with_z, with_bias=with_bias)
+    kwargs = dict(softplus=softplus, last_state=last_state)
+    expected = run_with_grads(selective_scan_reference, inputs, **kwargs)
+    assert_match(run_with_grads(TORCH_VARIANTS[variant], inputs, **kwargs), expected, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", ["torch-auto", "torch-chunks4-groups"])
+def test_torch_backend_half_precision_matches_reference(dtype, variant):
+    inputs = make_inputs(65, 4, with_d=True, with_z=True, with_bias=True, dtype=dtype)
+    expected = run_with_grads(selective_scan_reference, inputs, softplus=True, last_state=True)
+    actual = run_with_grads(TORCH_VARIANTS[variant], inputs, softplus=True, last_state=True)
+    assert actual[0].dtype == dtype and actual[1].dtype == torch.float32
+    assert_match(actual, expected, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("length,groups", [(65, 1), (300, 4)])
+def test_torch_backend_on_cuda_matches_reference(length, groups):
+    inputs = make_inputs(length, groups, with_d=True, with_z=True, with_bias=True, device="cuda")
+    expected = run_with_grads(selective_scan_reference, inputs, softplus=True, last_state=True)
+    actual = run_with_grads(TORCH_VARIANTS["torch-chunks4-groups"], inputs, softplus=True, last_state=True)
+    assert_match(actual, expected, torch.float32)
+
+
+@pytest.mark.skipif(not cuda_kernel_ready(), reason="needs a CUDA device and mamba_ssm")
+@pytest.mark.parametrize("length,groups", SHAPES)
+@pytest.mark.parametrize("flags", FLAG_SETS[:2])
+def test_cuda_backend_matches_reference(length, groups, flags):
+    with_d, with_z, with_bias, softplus, last_state = flags
+    inputs = make_inputs(length, groups, with_d=with_d, with_z=with_z, with_bias=with_bias, device="cuda")
+    expected = run_with_grads(selective_scan_reference, inputs, softplus=softplus, last_state=last_state)
+    actual = run_with_grads(
+        functools.partial(selective_scan, backend="cuda"), inputs, softplus=softplus, last_state=last_state
+    )
+    if last_state:  # mamba_ssm's kernel returns the last state but does not backpropagate through it
+        without_state_grad = run_with_grads(
+            selective_scan_reference, inputs, softplus=softplus, last_state=False
+        )
+        expected = expected[:2] + without_state_grad[2:]
+    assert_match(actual, expected, torch.float32)
+
+
+def saved_for_backward_bytes(scan, inputs) -> int:
+    saved = 0
+
+    def count(tensor):
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        scan(**inputs, delta_softplus=True)
+    return saved
+
+
+def test_torch_backend_saves_no_per_step_state():
+    """Autograd keeps O(B·D·L + B·G·N·L + B·D·N·L/chunk) bytes, never the (B, D, L, N) states: doubling N
+    grows what is saved by far less than one more (B, D, L, ΔN) tensor would."""
+    channels, length = 256, 512
+
+    def saved_bytes(state: int) -> int:
+        inputs = make_inputs(
+            length, 4, with_d=True, with_z=True, with_bias=True, channels=channels, state=state
+        )
+        return saved_for_backward_bytes(functools.partial(selective_scan, backend="torch"), inputs)
+
+    growth = saved_bytes(32) - saved_bytes(16)
+    per_step_state_growth = 2 * channels * length * 16 * 4
+    assert 0 < growth < per_step_state_growth / 4
+
+
+def test_auto_uses_torch_silently_on_cpu(monkeypatch):
+    monkeypatch.setattr(dispatch, "_warned_kernel_missing", False)
+    inputs = make_inputs(7, 1, with_d=False, with_z=False, with_bias=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = selective_scan(**inputs)
+    torch.testing.assert_close(out, selective_scan_chunked(**inputs), rtol=0, atol=0)
+    assert dispatch.resolve_backend("auto", "cpu") == "torch"
+
+
+def test_auto_on_cuda_without_kernel_warns_once_and_uses_torch(monkeypatch):
+    monkeypatch.setattr(dispatch, "_import_kernel", lambda: (None, "No module named 'mamba_ssm'"))
+    monkeypatch.setattr(dispatch, "_warned_kernel_missing", False)
+    with pytest.warns(
+        RuntimeWarning, match='pip install --no-build-isolation "semi-llie\\[cuda\\]"'
+    ) as record:
+        assert dispatch.resolve_backend("auto", "cuda") == "torch"
+        assert dispatch.resolve_backend("auto", "cuda") == "torch"
+    assert len(record) == 1
+
+
+def test_auto_on_cuda_with_kernel_picks_it_and_forwards_every_argument(monkeypatch):
+    calls = []
+
+    def fake_kernel(*args):
+        calls.append(args)
+        return args[0]
+
+    monkeypatch.setattr(dispatch, "_import_kernel", lambda: (fake_kernel, ""))
+    assert dispatch.resolve_backend("auto", "cuda") == "cuda"
+    inputs = make_inputs(7, 1, with_d=True, with_z=True, with_bias=True)
+    selective_scan(**inputs, delta_softplus=True, return_last_state=True, backend="cuda")
+    assert calls[0][:8] == tuple(inputs[k] for k in INPUT_NAMES) and calls[0][8:] == (True, True)
+
+
+def test_explicit_cuda_backend_without_kernel_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(dispatch, "_import_kernel", lambda: (None, "No module named 'mamba_ssm'"))
+    inputs = make_inputs(7, 1, with_d=False, with_z=False, with_bias=False)
+    with pytest.raises(ImportError, match='pip install --no-build-isolation "semi-llie\\[cuda\\]"'):
+        selective_scan(**inputs, backend="cuda")
+
+
+def test_unknown_backend_is_a_config_error():
+    inputs = make_inputs(7, 1, with_d=False, with_z=False, with_bias=False)
+    with pytest.raises(ConfigError, match="scan_backend"):
+        selective_scan(**inputs, backend="triton")
+
+
+def test_mismatched_groups_are_rejected():
+    inputs = make_inputs(7, 4, with_d=False, with_z=False, with_bias=False)
+    inputs["B"] = inputs["B"][:, :3]
+    with pytest.raises(ValueError, match="divisible"):
+        selective_scan(**inputs)
