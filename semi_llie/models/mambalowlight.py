@@ -1,0 +1,144 @@
+"""MambaLowlight: the Semi-LLIE backbone (METHOD §1), a single-resolution residual Mamba network.
+
+    x − mean ─┬─ IlluminationEstimator ─┬─ illu_map (B,3,H,W) (or the precomputed map) ─┐
+              │                         └─ illu_fea (B,C,H,W) ─ guided blocks only      │
+              └──────────────────────────────────────── cat[x, illu_map] ───────────────┴─ conv_first = f0
+    f0 ─ LN ─ ResidualGroups ─ LN ─ conv_body ─ + f0 ─ conv_last ─ + x + mean = y
+    returns (y, image_gradient(y))
+
+Parameter counts at the defaults (embed_dim 64, depths (2, 2), d_state 16, expand 2):
+    illumination="learned":      610,530 (guided: 802,530)
+    illumination="precomputed":  the estimator is built only as far as it is used: without guidance it is
+                                 not built at all (584,351); guided blocks still need illu_fea, so only its
+                                 illu_map head (195) is dropped (802,335). No parameter is ever unused, which
+                                 keeps DDP happy and every registered parameter trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from semi_llie.errors import ConfigError, UserError
+from semi_llie.models.blocks import ResidualGroup, VSSBlock
+from semi_llie.models.gradient import image_gradient
+
+ILLUMINATION_MODES = ("learned", "precomputed")
+MEAN_RGB = (0.4488, 0.4371, 0.4040)
+
+
+class IlluminationEstimator(nn.Module):
+    """cat[x, mean_c(x)] → 1×1 4→C → 5×5 (groups 4) = illu_fea → 1×1 C→3 = illu_map. No activations.
+
+    With `with_map=False` only illu_fea is computed (the precomputed map replaces illu_map).
+    """
+
+    def __init__(self, channels: int, with_map: bool = True) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(4, channels, 1)
+        self.depthwise = nn.Conv2d(channels, channels, 5, padding=2, groups=4)
+        self.conv_map = nn.Conv2d(channels, 3, 1) if with_map else None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """x (B, 3, H, W) → illu_fea (B, C, H, W), illu_map (B, 3, H, W) or None."""
+        illu_fea = self.depthwise(self.conv_in(torch.cat([x, x.mean(dim=1, keepdim=True)], dim=1)))
+        illu_map = self.conv_map(illu_fea) if self.conv_map is not None else None
+        return illu_fea, illu_map
+
+
+class MambaLowlight(nn.Module):
+    """forward(x, illum=None) → (y, grad_y), all B×3×H×W, for any H×W.
+
+    `illum` (B×3×H×W in [0, 1]) is required with illumination="precomputed" and replaces the learned
+    illu_map; with "learned" it is ignored, so a trainer may always pass the batch's map.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 64,
+        depths: Sequence[int] = (2, 2),
+        d_state: int = 16,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        drop_path_rate: float = 0.1,
+        guided: bool = False,
+        illumination: str = "learned",
+        scan_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if illumination not in ILLUMINATION_MODES:
+            modes = ", ".join(ILLUMINATION_MODES)
+            raise ConfigError(f"unknown model illumination {illumination!r}; set it to one of {modes}")
+        if not depths or any(not isinstance(d, int) or d < 1 for d in depths):
+            raise ConfigError(f"model depths must be a non-empty list of positive integers, got {depths!r}")
+        self.guided = guided
+        self.illumination = illumination
+        self.register_buffer("mean_rgb", torch.tensor(MEAN_RGB).view(1, 3, 1, 1), persistent=False)
+
+        learned_map = illumination == "learned"
+        self.estimator = (
+            IlluminationEstimator(embed_dim, with_map=learned_map) if learned_map or guided else None
+        )
+        self.conv_first = nn.Conv2d(6, embed_dim, 3, padding=1)  # cat[x, illu_map] → f0
+
+        # Stochastic depth grows linearly over all blocks of all groups.
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.norm_in = nn.LayerNorm(embed_dim)
+        self.groups = nn.ModuleList()
+        for group, depth in enumerate(depths):
+            start = sum(depths[:group])
+            blocks = [
+                VSSBlock(embed_dim, d_state, expand, dt_rank, rates[start + i], guided, scan_backend)
+                for i in range(depth)
+            ]
+            self.groups.append(ResidualGroup(blocks))
+        self.norm_out = nn.LayerNorm(embed_dim)
+        self.conv_body = nn.Conv2d(embed_dim, embed_dim, 3, padding=1)
+        self.conv_last = nn.Conv2d(embed_dim, 3, 3, padding=1)
+        self.apply(_init_linear_and_norm)
+
+    def forward(self, x: Tensor, illum: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, 3, H, W) in [0, 1], illum (B, 3, H, W) or None → y (B, 3, H, W), grad_y (B, 3, H, W)."""
+        x = x - self.mean_rgb
+        illu_fea, illu_map = self.estimator(x) if self.estimator is not None else (None, None)
+        if self.illumination == "precomputed":
+            illu_map = self._check_illum(illum, x)
+
+        f0 = self.conv_first(torch.cat([x, illu_map], dim=1))  # (B, C, H, W)
+        _, _, height, width = f0.shape
+        tokens = self.norm_in(rearrange(f0, "b c h w -> b h w c"))  # (B, H, W, C)
+        for group in self.groups:
+            tokens = group(tokens, illu_fea if self.guided else None)
+        body = rearrange(self.norm_out(tokens), "b h w c -> b c h w", h=height, w=width)
+        res = self.conv_body(body) + f0
+
+        y = x + self.conv_last(res) + self.mean_rgb  # global residual; no output activation
+        return y, image_gradient(y)
+
+    @staticmethod
+    def _check_illum(illum: Tensor | None, x: Tensor) -> Tensor:
+        if illum is None:
+            raise UserError(
+                "model.illumination is 'precomputed' but no illumination map was given; pass the shard's "
+                "'illum' tensor to the model or set model.illumination to 'learned'"
+            )
+        if illum.shape != x.shape:
+            raise UserError(
+                f"the precomputed illumination map has shape {tuple(illum.shape)} but the image has "
+                f"{tuple(x.shape)}; rebuild the shards so illum.png matches low.png"
+            )
+        return illum.to(x.dtype)
+
+
+def _init_linear_and_norm(module: nn.Module) -> None:
+    """Linear: trunc_normal(std 0.02), bias 0; LayerNorm: weight 1, bias 0. Convs keep PyTorch's init."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
