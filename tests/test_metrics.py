@@ -1,0 +1,110 @@
+"""Full-reference metrics on inputs with known scores, and the offline availability of weighted metrics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from skimage.metrics import structural_similarity
+
+from semi_llie.metrics import FullReferenceMetrics, WeightedMetrics, gt_mean_scaled
+
+torch.set_num_threads(1)
+
+
+def _gt(seed: int = 0, size: tuple[int, int] = (40, 48)) -> torch.Tensor:
+    """1×3×H×W smooth-ish image on the 8-bit grid, in [0, 0.8] so offsets never clip."""
+    rng = np.random.default_rng(seed)
+    pixels = np.round(rng.uniform(0, 0.8, (1, 3, *size)) * 255) / 255
+    return torch.from_numpy(pixels).float()
+
+
+def test_identical_images_score_the_maximum() -> None:
+    gt = _gt()
+    scores = FullReferenceMetrics()(gt, gt)
+    assert scores["psnr"] == pytest.approx(80.0) and scores["psnr_y"] == pytest.approx(80.0)
+    assert scores["ssim"] == pytest.approx(1.0) and scores["ssim_y"] == pytest.approx(1.0)
+
+
+def test_psnr_of_a_constant_offset_in_rgb_and_on_y() -> None:
+    gt = _gt()
+    scores = FullReferenceMetrics(quantize_output=False)(gt + 0.1, gt)
+    assert scores["psnr"] == pytest.approx(20.0, abs=1e-3)
+    # BT.601 luma of a gray offset d is d·(65.481 + 128.553 + 24.966)/255 = d·219/255.
+    assert scores["psnr_y"] == pytest.approx(20.0 - 20 * math.log10(219 / 255), abs=1e-3)
+
+
+def test_gt_mean_psnr_undoes_a_global_brightness_error() -> None:
+    gt = _gt()
+    metrics = FullReferenceMetrics(quantize_output=False)
+    scores = metrics(gt * 0.5, gt)
+    assert scores["psnr"] < 15 and scores["psnr_gtmean"] > 70
+    torch.testing.assert_close(gt_mean_scaled(gt * 0.5, gt), gt)
+
+
+def test_ssim_on_y_matches_scikit_image() -> None:
+    gt = _gt(1)
+    pred = (gt + torch.from_numpy(np.random.default_rng(2).normal(0, 0.05, gt.shape)).float()).clamp(0, 1)
+    ours = FullReferenceMetrics()(pred, gt)["ssim_y"]
+
+    def luma(image: torch.Tensor) -> np.ndarray:
+        rgb = np.round(image[0].numpy().transpose(1, 2, 0) * 255) / 255
+        return np.round(16 + rgb @ np.array([65.481, 128.553, 24.966]))
+
+    expected = structural_similarity(
+        luma(pred), luma(gt), data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+    )
+    assert ours == pytest.approx(expected, abs=2e-3)
+
+
+def test_crop_border_ignores_the_border_and_is_recorded() -> None:
+    gt = _gt()
+    pred = gt.clone()
+    pred[..., :3, :] = 1.0
+    assert FullReferenceMetrics()(pred, gt)["psnr"] < 40
+    metrics = FullReferenceMetrics(crop_border=4)
+    assert metrics(pred, gt)["psnr"] == pytest.approx(80.0)
+    assert metrics.settings["crop_border"] == 4 and "pyiqa" in metrics.settings["libraries"]
+
+
+def test_mismatched_shapes_are_refused() -> None:
+    with pytest.raises(ValueError, match="1×3×H×W"):
+        FullReferenceMetrics()(_gt(size=(40, 48)), _gt(size=(40, 40)))
+
+
+@pytest.fixture
+def empty_weight_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    import pyiqa.utils.download_util as download_util
+
+    monkeypatch.setattr(download_util, "DEFAULT_CACHE_DIR", str(tmp_path / "pyiqa"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    return tmp_path
+
+
+def test_metrics_without_local_weights_are_skipped_with_a_reason(empty_weight_caches: Path) -> None:
+    metrics = WeightedMetrics(("lpips", "niqe", "musiq", "piqe"))
+    assert metrics.names == ("piqe",)
+    assert set(metrics.skipped) == {"lpips", "niqe", "musiq"}
+    assert "LPIPS_v0.1_alex" in metrics.skipped["lpips"] and "alexnet" in metrics.skipped["lpips"]
+    assert str(empty_weight_caches / "pyiqa" / "niqe_modelparameters.mat") in metrics.skipped["niqe"]
+    scores = metrics(_gt(size=(64, 64)))
+    assert set(scores) == {"piqe"} and math.isfinite(scores["piqe"])
+    assert metrics.settings["skipped"] == metrics.skipped
+
+
+def test_a_metric_whose_weights_are_cached_is_loaded_from_the_cache(empty_weight_caches: Path) -> None:
+    # NIQE's "weights" are a pristine-image Gaussian (36 features): a valid stand-in exercises the loader.
+    cache = empty_weight_caches / "pyiqa"
+    cache.mkdir()
+    scipy.io.savemat(
+        cache / "niqe_modelparameters.mat", {"mu_prisparam": np.zeros((1, 36)), "cov_prisparam": np.eye(36)}
+    )
+    metrics = WeightedMetrics(("niqe",))
+    assert metrics.names == ("niqe",) and not metrics.skipped
+    assert metrics.settings["niqe"]["lower_better"] is True
+    image = torch.from_numpy(np.random.default_rng(0).uniform(0, 1, (1, 3, 128, 128))).float()
+    assert math.isfinite(metrics(image)["niqe"])
