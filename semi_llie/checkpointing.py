@@ -1,0 +1,206 @@
+"""Atomic, rotated training checkpoints (layout in ARCHITECTURE.md, "Run outputs").
+
+    OUTPUT_DIR/checkpoints/step-N/
+        config.yaml            the run config (a step dir is self-contained)
+        student.pt, teacher.pt plain state_dicts of the unwrapped model (torch.load(..., weights_only=True))
+        trainer_state.json     step, stream positions, best score, non-finite counters, bank marker
+        accelerate/            optimizer, scheduler, GradScaler, per-rank RNG states (accelerator.save_state)
+    OUTPUT_DIR/checkpoints/latest   text file naming the newest complete step dir, written last
+
+A step dir is first written as `.tmp-step-N` by every rank (accelerate writes one RNG file per rank, DeepSpeed
+one optimizer shard per rank), then rank 0 adds the model files, fsyncs the tree and renames it: a reader
+never sees a half-written `step-N`, and `latest` only ever names complete ones. The output folder must be on
+a file system every rank sees (as on any SLURM cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from torch import nn
+
+from semi_llie.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """What the loop needs, beyond model/optimizer/RNG, to continue exactly where it stopped."""
+
+    step: int = 0  # optimizer steps done
+    world_size: int = 1
+    # Batches each rank consumed from each training stream (the same count on every rank).
+    stream_positions: dict[str, int] = field(default_factory=dict)
+    best_score: float | None = None  # teacher val/psnr of the registered champion
+    best_step: int | None = None
+    nonfinite_total: int = 0
+    nonfinite_in_a_row: int = 0
+    bank_marker: dict[str, Any] | None = None  # semi_llie.bank's consistency marker at this step
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerState:
+        return cls(**json.loads(text))
+
+
+def checkpoints_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def step_dirs(output_dir: str | Path) -> list[Path]:
+    """Complete step dirs, oldest first."""
+    root = checkpoints_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The step dir `latest` names (or the newest complete one if the pointer is missing), else None."""
+    root = checkpoints_root(output_dir)
+    pointer = root / LATEST
+    if pointer.is_file():
+        target = root / pointer.read_text().strip()
+        if (target / STATE_FILE).is_file():
+            return target
+    dirs = step_dirs(output_dir)
+    return dirs[-1] if dirs else None
+
+
+def resolve_resume(output_dir: str | Path, resume: str) -> Path:
+    """`--resume latest` (in OUTPUT_DIR) or `--resume PATH` (a step dir, or an output dir's latest)."""
+    if resume == "latest":
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            raise UserError(
+                f"--resume latest: {checkpoints_root(output_dir)} holds no checkpoint; drop --resume"
+            )
+        return found
+    path = Path(resume)
+    if (path / STATE_FILE).is_file():
+        return path
+    found = latest_checkpoint(path) if path.is_dir() else None
+    if found is None:
+        raise UserError(f"--resume {resume}: not a checkpoint step dir or an output dir holding one")
+    return found
+
+
+def check_compatible(step_dir: Path, model_cfg: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose model block differs from the config's (shapes would not match)."""
+    saved = yaml.safe_load((step_dir / "config.yaml").read_text())["model"]
+    current = yaml.safe_load(yaml.safe_dump(dict(model_cfg)))  # same normalisation (tuples -> lists)
+    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differing:
+        key = differing[0]
+        raise UserError(
+            f"checkpoint {step_dir} was trained with model.{key}={saved.get(key)!r} but the config has "
+            f"{current.get(key)!r}; resume with the checkpoint's model config or start a new output_dir"
+        )
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    state: TrainerState,
+    student: nn.Module,
+    teacher: nn.Module,
+    config_yaml: str,
+    total_limit: int | None,
+) -> Path:
+    """Write `step-{state.step}` atomically on all ranks (a collective call), point `latest` at it, rotate."""
+    root = checkpoints_root(output_dir)
+    final = root / f"step-{state.step}"
+    staging = root / f".tmp-step-{state.step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging / "accelerate"))  # every rank writes its RNG state (+ DS shards)
+    student_state = accelerator.get_state_dict(student)  # collective under DeepSpeed ZeRO-3
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        torch.save(_cpu(student_state), staging / "student.pt")
+        torch.save(_cpu(teacher.state_dict()), staging / "teacher.pt")
+        (staging / STATE_FILE).write_text(state.to_json())
+        (staging / "config.yaml").write_text(config_yaml)
+        _fsync_tree(staging)
+        shutil.rmtree(final, ignore_errors=True)  # a previous attempt at this step (resumed before it)
+        os.replace(staging, final)
+        _fsync_dir(root)
+        write_text_atomic(root / LATEST, final.name + "\n")
+        rotate(output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, step_dir: Path, teacher: nn.Module) -> TrainerState:
+    """Restore student/optimizer/scheduler/RNG (prepared objects) and the teacher; return the loop state."""
+    accelerator.load_state(str(step_dir / "accelerate"))
+    teacher.load_state_dict(torch.load(step_dir / "teacher.pt", map_location="cpu", weights_only=True))
+    return TrainerState.from_json((step_dir / STATE_FILE).read_text())
+
+
+def rotate(output_dir: str | Path, total_limit: int | None) -> list[Path]:
+    """Delete the oldest step dirs beyond `total_limit`, never the one `latest` names; return the deleted."""
+    if total_limit is None:
+        return []
+    keep = latest_checkpoint(output_dir)
+    dirs = [d for d in step_dirs(output_dir) if d != keep]
+    doomed = dirs[: max(0, len(dirs) + 1 - total_limit)]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def remove_stale_staging(output_dir: str | Path) -> None:
+    """Drop `.tmp-step-*` dirs left by a run killed while saving (they were never complete)."""
+    for path in checkpoints_root(output_dir).glob(".tmp-step-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temp file beside `path`, fsync, rename: readers see the old or the new content."""
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    _fsync_dir(path.parent)
+
+
+def _cpu(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

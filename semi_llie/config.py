@@ -1,0 +1,223 @@
+"""The training config: typed blocks validated from YAML plus dotted command-line overrides.
+
+    cfg = load_config("configs/quickstart.yaml", ["train.max_steps=10", "optim.lr=1e-4"])
+
+Every block forbids unknown keys, so a typo (`optim.lr_rate`) is a ConfigError naming the key instead of a
+silently ignored setting. Blocks that are built by a registry (`model`, the loss slots and their `semantic`
+extractor) are free mappings here; the registry rejects their unknown keys when the trainer builds them,
+before the first step. Loss slot names are checked here.
+
+Units: every schedule length is in optimizer steps (one step = `gradient_accumulation_steps` micro-batches on
+every rank), except the unsupervised ramp (`losses.unsup_weight.unit`), which may count epochs of the labeled
+set: one epoch = ceil(labeled samples / (batch_size_labeled × processes × gradient_accumulation_steps)) steps.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from semi_llie.errors import ConfigError
+
+
+class Block(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Block):
+    shards: str  # shard location: folder, manifest path, URL or `pipe:` command (semi_llie.data.manifest)
+    batch_size_labeled: int = Field(8, ge=1)  # per process
+    batch_size_unlabeled: int = Field(8, ge=0)  # per process; 0 trains on labeled pairs only
+    crop_size: int = Field(256, ge=8)  # labeled random crop
+    unlabeled_size: int = Field(256, ge=8)  # weak/strong views are resized to this square size
+    num_workers: int = Field(2, ge=0)
+    seed: int = 2022
+
+
+class BankConfig(Block):
+    enabled: bool = True
+    metric: str = (
+        "musiq"  # pyiqa no-reference metric (its `lower_better` is respected); piqe/niqe need no weights
+    )
+    score_batch_size: int = Field(16, ge=1)
+
+
+class TeacherConfig(Block):
+    decay: float = Field(0.996, gt=0, lt=1)  # upper bound of α_t = min(1 - 1/(t+1), decay)
+
+
+class OptimConfig(Block):
+    type: Literal["AdamW"] = "AdamW"  # the paper's AdamP is not implemented (METHOD §7 allows AdamW)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    milestones: list[int] = Field(default_factory=list)  # optimizer steps where lr *= gamma
+    gamma: float = Field(0.1, gt=0)
+    grad_clip: float | None = Field(None, gt=0)  # max global L2 norm; None = no clipping
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, milestones: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(milestones, milestones[1:], strict=False)) or any(
+            m < 1 for m in milestones
+        ):
+            raise ValueError("milestones must be positive and strictly increasing (optimizer steps)")
+        return milestones
+
+
+class TrainConfig(Block):
+    output_dir: str = "runs/semi-llie"
+    max_steps: int = Field(ge=1)  # optimizer steps
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    validate_every: int = Field(500, ge=1)  # optimizer steps; also at the last step
+    val_max_samples: int | None = Field(None, ge=1)  # cap the val split (None = all of it)
+    val_grid_samples: int = Field(2, ge=0)  # val images shown in the MLflow grid
+    checkpoint_every: int = Field(1000, ge=1)  # optimizer steps; also at the last step
+    checkpoints_total_limit: int | None = Field(3, ge=1)  # keep the newest N step dirs; None = keep all
+    max_nonfinite_steps: int = Field(5, ge=1)  # stop after this many non-finite losses in a row
+    log_every: int = Field(10, ge=1)  # MLflow train/* metrics every N optimizer steps
+
+
+class TrackingConfig(Block):
+    enabled: bool = True
+    experiment: str = "semi-llie"
+    run_name: str | None = None
+    # None: $MLFLOW_TRACKING_URI if set, else the embedded SQLite store below (relative to the working dir).
+    tracking_uri: str | None = None
+    registered_model_name: str = "semi-llie-teacher"
+    alias: str = "champion"
+    log_model: bool = True  # log + register the teacher on each new best val/psnr
+
+
+class Config(Block):
+    model: dict[str, Any]  # `type: MambaLowlight` block passed to semi_llie.models.build_model
+    data: DataConfig
+    # The objective (semi_llie.losses.build_objective): slots fidelity, ram_perceptual, gradient, consistency,
+    # contrastive (loss blocks with `type:` and `loss_weight`), semantic (the frozen RAM/SAM extractor block)
+    # and unsup_weight (weight, ramp_length, unit: epoch|step). A slot left out takes the paper's block.
+    losses: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    bank: BankConfig = Field(default_factory=BankConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _model_has_a_type(self) -> Config:
+        if "type" not in self.model:
+            raise ValueError("the model block needs a `type:` key (e.g. type: MambaLowlight)")
+        return self
+
+    @field_validator("losses")
+    @classmethod
+    def _known_loss_slots(cls, losses: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from semi_llie.losses.build import DEFAULT_LOSS_CONFIG
+
+        for slot in losses:
+            if slot not in DEFAULT_LOSS_CONFIG:
+                hint = difflib.get_close_matches(slot, DEFAULT_LOSS_CONFIG, n=1)
+                suggestion = f" (did you mean 'losses.{hint[0]}'?)" if hint else ""
+                raise ValueError(
+                    f"unknown key 'losses.{slot}'{suggestion}; known slots: {', '.join(DEFAULT_LOSS_CONFIG)}"
+                )
+        return losses
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply `key.sub=value` overrides (values parsed as YAML) and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML ({err}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of blocks (model:, data:, train:, ...)")
+    for override in overrides:
+        apply_override(raw, override)
+    return validate_config(raw, source=str(path))
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested dict in place; the value is parsed as YAML (`3`, `1e-4`, `[1, 2]`)."""
+    dotted, sep, text = override.partition("=")
+    if not sep or not dotted or any(not part for part in dotted.split(".")):
+        raise ConfigError(f"override {override!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for depth, key in enumerate(parents):
+        child = node.setdefault(key, {})
+        if child is None:  # e.g. `semantic: null` in the file, now being filled in
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parents[: depth + 1])
+            raise ConfigError(
+                f"override {override!r}: {where} is a value, not a block, so it has no sub-keys"
+            )
+        node = child
+    node[leaf] = value
+
+
+def validate_config(raw: Mapping[str, Any], source: str = "config") -> Config:
+    """Validate a nested dict into a Config; the first problem becomes a ConfigError naming its dotted key."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err.errors()[0], raw, source)) from None
+
+
+def _describe(error: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> str:
+    location = [str(part) for part in error["loc"]]
+    key = ".".join(location) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        known = _known_keys(location[:-1])
+        hint = difflib.get_close_matches(location[-1], known, n=1)
+        suggestion = f" (did you mean {'.'.join([*location[:-1], hint[0]])!r}?)" if hint else ""
+        return f"{source}: unknown key {key!r}{suggestion}; known keys here: {', '.join(known)}"
+    if error["type"] == "missing":
+        return f"{source}: required key {key!r} is missing; add it to the YAML or pass {key}=VALUE"
+    if error["type"] == "value_error":  # our own validators' messages are whole sentences
+        return f"{source}: {key}: {error['ctx']['error']}"
+    return f"{source}: {key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _known_keys(path: list[str]) -> list[str]:
+    """Field names of the typed block at `path` (e.g. ["optim"] -> lr, weight_decay, ...)."""
+    block: type[BaseModel] = Config
+    for name in path:
+        field = block.model_fields.get(name)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        block = annotation
+    return list(block.model_fields)
+
+
+def flatten(cfg: Config) -> dict[str, str]:
+    """Dotted key -> value string, for MLflow params (`optim.lr` -> "0.0002")."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), child)
+        else:
+            flat[prefix] = str(value)
+
+    walk("", cfg.model_dump(mode="json"))
+    return flat

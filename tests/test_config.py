@@ -1,0 +1,123 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from semi_llie.config import Config, apply_override, flatten, load_config, validate_config
+from semi_llie.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+MINIMAL = {
+    "model": {"type": "MambaLowlight", "embed_dim": 16},
+    "data": {"shards": "shards/demo"},
+    "train": {"max_steps": 10},
+}
+
+
+def write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_minimal_config_fills_the_paper_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.optim.lr == 2e-4 and cfg.optim.weight_decay == 1e-4 and cfg.optim.gamma == 0.1
+    assert cfg.teacher.decay == 0.996
+    assert cfg.data.seed == 2022 and cfg.data.crop_size == 256
+    assert cfg.losses == {}  # every loss slot takes the paper's block (semi_llie.losses.DEFAULT_LOSS_CONFIG)
+    assert cfg.tracking.registered_model_name == "semi-llie-teacher" and cfg.tracking.alias == "champion"
+
+
+def test_overrides_are_parsed_as_yaml_values(tmp_path):
+    cfg = load_config(
+        write(tmp_path, MINIMAL),
+        [
+            "train.max_steps=3",
+            "optim.lr=1e-3",
+            "optim.milestones=[2, 5]",
+            "model.depths=[1, 1]",
+            "losses.contrastive.loss_weight=0",
+        ],
+    )
+    assert cfg.train.max_steps == 3
+    assert cfg.optim.lr == 1e-3
+    assert cfg.optim.milestones == [2, 5]
+    assert cfg.model["depths"] == [1, 1]
+    assert cfg.losses == {"contrastive": {"loss_weight": 0}}
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("optim.lr_rate=1", "optim.lr_rate"),
+        ("trian.max_steps=3", "trian"),
+        ("train.checkpoint_evry=5", "train.checkpoint_evry"),
+    ],
+)
+def test_unknown_key_is_named_with_a_suggestion(tmp_path, override, named):
+    with pytest.raises(ConfigError, match=rf"unknown key '{named}'"):
+        load_config(write(tmp_path, MINIMAL), [override])
+
+
+def test_unknown_key_in_the_file_suggests_the_close_match(tmp_path):
+    raw = {**MINIMAL, "optim": {"weight_decy": 0.0}}
+    with pytest.raises(ConfigError, match=r"did you mean 'optim.weight_decay'"):
+        load_config(write(tmp_path, raw))
+
+
+def test_mistyped_value_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.max_steps"):
+        load_config(write(tmp_path, MINIMAL), ["train.max_steps=many"])
+    with pytest.raises(ConfigError, match=r"train.mixed_precision"):
+        load_config(write(tmp_path, MINIMAL), ["train.mixed_precision=fp64"])
+
+
+def test_missing_required_block_is_named(tmp_path):
+    raw = {k: v for k, v in MINIMAL.items() if k != "data"}
+    with pytest.raises(ConfigError, match=r"required key 'data' is missing"):
+        load_config(write(tmp_path, raw))
+
+
+def test_bad_override_syntax_and_value_paths():
+    raw = {"train": {"max_steps": 3}}
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_override(raw, "train.max_steps")
+    with pytest.raises(ConfigError, match="train.max_steps is a value"):
+        apply_override(raw, "train.max_steps.deeper=1")
+
+
+def test_milestones_must_increase():
+    with pytest.raises(ConfigError, match="optim.milestones"):
+        validate_config({**MINIMAL, "optim": {"milestones": [5, 2]}})
+
+
+def test_unknown_loss_slot_is_named():
+    with pytest.raises(ConfigError, match=r"unknown key 'losses.fidelty' \(did you mean 'losses.fidelity'"):
+        validate_config({**MINIMAL, "losses": {"fidelty": {"loss_weight": 1.0}}})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_round_trip_through_yaml_and_flat_params(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["optim.betas=[0.8, 0.9]"])
+    again = validate_config(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+    flat = flatten(cfg)
+    assert flat["optim.lr"] == "0.0002"
+    assert flat["model.type"] == "MambaLowlight"
+    assert flat["optim.betas"] == "[0.8, 0.9]"
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "tiny_test.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(CONFIGS / name)
+    assert isinstance(cfg, Config)
