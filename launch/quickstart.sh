@@ -7,11 +7,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3}
-if [[ ! -x .venv/bin/semi-llie ]]; then
-  [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
-  # torch is pinned exactly in pyproject.toml, so this never pulls an unpinned multi-GB build.
-  .venv/bin/python -m pip install --disable-pip-version-check -q --upgrade pip setuptools wheel
-  .venv/bin/python -m pip install --disable-pip-version-check -q -e .
-fi
+[[ -x .venv/bin/semi-llie ]] || bash launch/install.sh
 exec .venv/bin/semi-llie quickstart "$@"
