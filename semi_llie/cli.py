@@ -19,11 +19,23 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("shards", "build"), "semi_llie.data.build_cli", "pack image folders into WebDataset shards"),
     (("shards", "verify"), "semi_llie.data.verify_cli", "re-read shards and check them against the manifest"),
     (("shards", "merge"), "semi_llie.data.merge_cli", "join the manifests of parts built with --part I/N"),
-    (("train",), "semi_llie.train", "train the Semi-LLIE mean teacher (plain, accelerate launch, torchrun, srun)"),
-    (("evaluate",), "semi_llie.evaluate", "score a checkpoint or registered model on paired or unpaired data"),
+    (
+        ("train",),
+        "semi_llie.train",
+        "train the Semi-LLIE mean teacher (plain, accelerate launch, torchrun, srun)",
+    ),
+    (
+        ("evaluate",),
+        "semi_llie.evaluate",
+        "score a checkpoint or registered model on paired or unpaired data",
+    ),
     (("enhance",), "semi_llie.enhance", "enhance image files, folders or globs with a trained model"),
     (("runs", "compare"), "semi_llie.compare", "compare MLflow runs: table (markdown, CSV) and metric plot"),
-    (("quickstart",), "semi_llie.quickstart", "the whole job on a tiny synthetic dataset, on CPU, in minutes"),
+    (
+        ("quickstart",),
+        "semi_llie.quickstart",
+        "the whole job on a tiny synthetic dataset, on CPU, in minutes",
+    ),
 ]
 
 
@@ -39,7 +51,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         else:
             if words[0] not in groups:
                 group = top.add_parser(words[0], help=f"{words[0]} commands")
-                groups[words[0]] = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+                groups[words[0]] = group.add_subparsers(
+                    dest="subcommand", metavar="SUBCOMMAND", required=True
+                )
             sub = groups[words[0]].add_parser(words[1], help=help_text, description=help_text)
         sub.set_defaults(_module=module)
         # Only the command being run needs its arguments: import its module for that one alone.

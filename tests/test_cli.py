@@ -5,7 +5,9 @@ from semi_llie.cli import COMMANDS
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "semi_llie", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "semi_llie", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_help_lists_every_command():
