@@ -11,6 +11,7 @@ so it holds nothing but the network and returns a single tensor.
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,7 @@ def _model_block(config_path: Path) -> dict[str, Any]:
 
 def _load_mlflow(uri: str, device: str | torch.device, tracking_uri: str | None) -> Enhancer:
     import mlflow.pytorch
+    import mlflow.tracking._model_registry.utils as registry_utils
     from mlflow.exceptions import MlflowException
 
     import mlflow
@@ -176,7 +178,10 @@ def _load_mlflow(uri: str, device: str | torch.device, tracking_uri: str | None)
     store = resolve_tracking_uri(tracking_uri)
     # `models:/` URIs resolve through the registry URI, `runs:/` through the tracking URI: point both at
     # the store for this call only, so loading a model leaves the caller's MLflow settings as they were.
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    # Restore the caller's raw settings, not their resolved values: an unset registry must keep following
+    # the tracking URI. mlflow's setters also export MLFLOW_*_URI to the environment, so restore that too.
+    saved_env = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = mlflow.get_tracking_uri(), registry_utils._registry_uri
     mlflow.set_tracking_uri(store)
     mlflow.set_registry_uri(store)
     try:
@@ -184,8 +189,13 @@ def _load_mlflow(uri: str, device: str | torch.device, tracking_uri: str | None)
     except MlflowException as err:
         raise UserError(f"cannot load {uri} from the MLflow store {store}: {err.message}") from err
     finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+        mlflow.set_tracking_uri(saved[0])
+        registry_utils._registry_uri = saved[1]
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     if not isinstance(model, Enhancer):
         # e.g. a torch.export graph (mlflow's "pt2" format): it is fixed to the logged example's image size.
         raise UserError(

@@ -186,6 +186,15 @@ def test_load_enhancer_from_mlflow_model_uri(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="semi-llie-missing"):
         load_enhancer("models:/semi-llie-missing@champion", tracking_uri=uri)
 
+    # Loading leaves the caller's MLflow settings as they were: an unset registry keeps following the
+    # tracking URI instead of staying pinned to the store the model came from.
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    mlflow.set_tracking_uri(other)
+    try:
+        assert mlflow.get_registry_uri() == other
+    finally:
+        mlflow.set_tracking_uri(previous)
+
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_matches_pillow(tmp_path: Path, orientation: int) -> None:
