@@ -284,7 +284,7 @@ def log_to_mlflow(args: argparse.Namespace, summary: dict[str, Any], prefix: str
     from mlflow.exceptions import MlflowException
 
     import mlflow
-    from semi_llie.tracking import resolve_tracking_uri
+    from semi_llie.tracking import artifact_location, resolve_tracking_uri
 
     store = resolve_tracking_uri(args.tracking_uri)
     client = mlflow.MlflowClient(store)
@@ -293,7 +293,9 @@ def log_to_mlflow(args: argparse.Namespace, summary: dict[str, Any], prefix: str
         if run_id is None:
             experiment = client.get_experiment_by_name(args.mlflow_experiment)
             experiment_id = (
-                experiment.experiment_id if experiment else client.create_experiment(args.mlflow_experiment)
+                experiment.experiment_id
+                if experiment
+                else client.create_experiment(args.mlflow_experiment, artifact_location(store))
             )
             run = client.create_run(experiment_id, run_name=f"evaluate {summary['data']['kind']}")
             run_id = run.info.run_id

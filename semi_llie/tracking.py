@@ -31,7 +31,6 @@ from semi_llie.data.manifest import MANIFEST_NAME, Manifest, resolve
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-DEFAULT_ARTIFACT_ROOT = "mlruns/artifacts"
 MODEL_ARTIFACT = "teacher"
 # Packages the logged Enhancer imports at load time (semi_llie itself travels as code_paths).
 MODEL_REQUIREMENTS = ("torch", "numpy", "einops", "pyyaml", "pydantic")
@@ -41,6 +40,17 @@ T = TypeVar("T")
 
 def resolve_tracking_uri(configured: str | None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def artifact_location(tracking_uri: str) -> str | None:
+    """Artifact root for a new experiment: `artifacts/` beside an embedded SQLite store.
+
+    MLflow would otherwise put a SQLite store's artifacts under ./mlruns of whatever the working directory
+    is; a server decides its own artifact location (None).
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
 
 
 def pinned_requirements() -> list[str]:
@@ -115,7 +125,7 @@ class Tracker:
             return run_id
         experiment = mlflow.get_experiment_by_name(self.cfg.experiment)
         if experiment is None:
-            mlflow.create_experiment(self.cfg.experiment, artifact_location=self._artifact_location())
+            mlflow.create_experiment(self.cfg.experiment, artifact_location=artifact_location(self.uri))
         mlflow.set_experiment(self.cfg.experiment)
         run = mlflow.start_run(run_name=self.cfg.run_name)
         items = list(params.items())
@@ -134,12 +144,6 @@ class Tracker:
         except mlflow.exceptions.MlflowException:
             logger.warning("MLflow run %s (from run.json) is not in %s; starting a new run", run_id, self.uri)
             return False
-
-    def _artifact_location(self) -> str | None:
-        # Beside the embedded store; a server decides its own artifact location.
-        if self.uri == DEFAULT_TRACKING_URI:
-            return Path(DEFAULT_ARTIFACT_ROOT).resolve().as_uri()
-        return None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self.active and metrics:

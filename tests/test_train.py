@@ -411,3 +411,10 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, tiny_shards):
     assert result.returncode == 3, result.stderr[-3000:]
     assert "non-finite loss at step" in result.stderr
     assert "2 non-finite losses in a row" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sqlite_store_keeps_its_artifacts_beside_it(tmp_path):
+    from semi_llie.tracking import artifact_location
+
+    assert artifact_location(f"sqlite:///{tmp_path}/db/mlflow.db") == (tmp_path / "db" / "artifacts").as_uri()
+    assert artifact_location("http://127.0.0.1:5000") is None  # a server decides for itself
