@@ -1,9 +1,11 @@
 """Selective scan: speed and peak memory of the backends against the step-by-step reference.
 
 Shapes are those of one Mamba block of the enhancer: B=1, D=512, N=16, G=4 (four scan directions), with
-delta_softplus, delta_bias, D and z. Every (backend, L, pass) runs in its own subprocess so that its peak
-memory is its own: peak RSS above the RSS after building the inputs on CPU, torch's peak allocated bytes on
-CUDA. "× u" is that peak in units of size(u) = B·D·L·4 bytes: constant in L means O(B·D·L) extra memory.
+delta_softplus, delta_bias, D and z. On CPU "torch" is the backend as shipped (the C++ kernel) and
+"chunked" the same backend with the kernel switched off (SEMI_LLIE_CPU_KERNEL=0): the pure-torch fallback.
+Every (backend, L, pass) runs in its own subprocess so that its peak memory is its own: peak RSS above the
+RSS after building the inputs on CPU, torch's peak allocated bytes on CUDA. "× u" is that peak in units of
+size(u) = B·D·L·4 bytes: constant in L means O(B·D·L) extra memory.
 
     python benchmarks/scan.py                          # CPU, 2 threads, L in 1024 4096 16384 65536
     python benchmarks/scan.py --lengths 1024 4096
@@ -25,6 +27,8 @@ import time
 
 BATCH, CHANNELS, STATE, GROUPS = 1, 512, 16, 4
 PASSES = ("forward", "forward+backward")
+# The torch backend with its C++ CPU kernel switched off: the pure-torch fallback.
+CHUNKED = "chunked"
 
 
 def measure(backend: str, length: int, mode: str, device: str, repeats: int) -> dict[str, float]:
@@ -33,6 +37,7 @@ def measure(backend: str, length: int, mode: str, device: str, repeats: int) -> 
 
     from semi_llie.ops import selective_scan
 
+    scan_backend = "torch" if backend == CHUNKED else backend
     if length > 64:  # a small run first loads the code pages and thread pools the peak should not count
         measure(backend, 64, mode, device, 1)
     generator = torch.Generator().manual_seed(0)
@@ -56,7 +61,7 @@ def measure(backend: str, length: int, mode: str, device: str, repeats: int) -> 
 
     def run_once() -> None:
         with torch.set_grad_enabled(mode == "forward+backward"):
-            out = selective_scan(**inputs, delta_softplus=True, backend=backend)
+            out = selective_scan(**inputs, delta_softplus=True, backend=scan_backend)
             if mode == "forward+backward":
                 out.backward(grad_output)
         if device == "cuda":
@@ -96,7 +101,8 @@ def run_child(
         str(threads),
         str(repeats),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = {**os.environ, "SEMI_LLIE_CPU_KERNEL": "0"} if backend == CHUNKED else None
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{backend} L={length} {mode} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -130,8 +136,9 @@ def main() -> int:
 
     from semi_llie.ops import kernel_available
 
-    backends = ["torch", "reference"]
+    backends = ["torch", CHUNKED, "reference"]
     if args.device == "cuda":
+        backends.remove(CHUNKED)  # on CUDA tensors the torch backend is the chunked scan
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is visible")
         if kernel_available():

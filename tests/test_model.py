@@ -9,7 +9,7 @@ from torch import Tensor
 from semi_llie.errors import ConfigError, UserError
 from semi_llie.models import SS2D, TINY_MODEL_CONFIG, MambaLowlight, build_model, image_gradient
 from semi_llie.models.blocks import ChannelAttention, DropPath, VSSBlock
-from semi_llie.models.ss2d import cross_merge, cross_scan
+from semi_llie.models.ss2d import scan_order, undo_scan_order
 from semi_llie.ops import selective_scan_reference
 
 torch.set_num_threads(1)
@@ -88,10 +88,10 @@ def test_four_scan_orders_are_distinct_and_undone() -> None:
     x = torch.randn(1, mixer.d_inner, height, width, dtype=torch.float64)
     out = mixer.scan_2d(x)
 
-    # One scan call over all 4 directions: (B, 4·Di, L) with B and C in G = 4 groups.
-    assert scan.calls == [
-        (torch.Size([1, 4 * mixer.d_inner, height * width]), torch.Size([1, 4, d_state, 12]))
-    ]
+    # One scan call per direction: (B, Di, L) with B and C in G = 1 group.
+    assert (
+        scan.calls == [(torch.Size([1, mixer.d_inner, height * width]), torch.Size([1, 1, d_state, 12]))] * 4
+    )
 
     # By hand: the cumsum at pixel p in an order sums every pixel q that order visits no later than p.
     positions = [(i, j) for i in range(height) for j in range(width)]
@@ -120,7 +120,7 @@ def test_four_scan_orders_are_distinct_and_undone() -> None:
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
-def test_one_grouped_scan_equals_four_scans_each_with_its_own_projections(backend: str) -> None:
+def test_each_direction_scans_with_its_own_projections(backend: str) -> None:
     torch.manual_seed(0)
     mixer = SS2D(8, d_state=4, expand=2, scan_backend=backend)
     di, rank, n = mixer.d_inner, mixer.dt_rank, mixer.d_state
@@ -128,20 +128,29 @@ def test_one_grouped_scan_equals_four_scans_each_with_its_own_projections(backen
     with torch.no_grad():
         out = mixer.scan_2d(x)
         # Direction by direction, with that direction's x_proj, dt_proj, A, D and dt bias only.
-        ys = []
-        for k, u in enumerate(cross_scan(x).unbind(1)):  # u: (B, Di, L)
+        expected = torch.zeros_like(x)
+        for k in range(4):
+            u = scan_order(x, k)  # (B, Di, L)
             own = slice(k * di, (k + 1) * di)
             proj = torch.einsum("cd,bdl->bcl", mixer.x_proj_weight[k], u)  # (B, R+2N, L)
             dt = torch.einsum("dr,brl->bdl", mixer.dt_proj_weight[k], proj[:, :rank])
             B, C = proj[:, None, rank : rank + n], proj[:, None, rank + n :]  # (B, 1, N, L)
             A = -torch.exp(mixer.A_log[own])
-            ys.append(
-                selective_scan_reference(
-                    u, dt, A, B, C, mixer.D[own], delta_bias=mixer.dt_proj_bias[k], delta_softplus=True
-                )
+            y = selective_scan_reference(
+                u, dt, A, B, C, mixer.D[own], delta_bias=mixer.dt_proj_bias[k], delta_softplus=True
             )
-        expected = cross_merge(torch.stack(ys, dim=1), 5, 6)
+            expected += undo_scan_order(y, k, 5, 6)
     torch.testing.assert_close(out, expected, rtol=6e-4, atol=2e-5)
+
+
+def test_scan_orders_are_undone_exactly() -> None:
+    x = torch.arange(2 * 3 * 5 * 7, dtype=torch.float32).view(2, 3, 5, 7)
+    for k in range(4):
+        sequence = scan_order(x, k)
+        assert sequence.shape == (2, 3, 35) and sequence.is_contiguous()
+        torch.testing.assert_close(undo_scan_order(sequence, k, 5, 7), x, rtol=0, atol=0)
+    assert scan_order(x, 1)[0, 0, :6].tolist() == [0, 7, 14, 21, 28, 1]  # column-major
+    assert scan_order(x, 2)[0, 0, :2].tolist() == [34, 33]  # reversed row-major
 
 
 def test_precomputed_illumination_replaces_the_learned_map() -> None:

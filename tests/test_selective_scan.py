@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from semi_llie.errors import ConfigError
-from semi_llie.ops import selective_scan, selective_scan_chunked, selective_scan_reference
+from semi_llie.ops import cpu_kernel, selective_scan, selective_scan_chunked, selective_scan_reference
+from semi_llie.ops.cpu_kernel import selective_scan_cpu
 
 # the dispatch module itself (the package attribute of the same name is the function)
 dispatch = importlib.import_module("semi_llie.ops.selective_scan")
@@ -28,15 +29,15 @@ TOLERANCES = {
     torch.float16: dict(rtol=5e-3, atol=1e-2),
 }
 
-# The torch backend as the dispatcher runs it (one chunk group at these sizes), and with short chunks and a
-# workspace of 3 chunks (B·D·N = 64 here) so that the carries across chunks and across chunk groups, and a
-# last group with fewer chunks, are exercised.
+# The torch backend as the dispatcher runs it (on CPU: the C++ kernel), the C++ kernel itself, and the
+# chunked pure-torch fallback as shipped and with short chunks and a workspace of 3 chunks (B·D·N = 64 here)
+# so that the carries across chunks and across chunk groups, and a last group with fewer chunks, are
+# exercised.
 TORCH_VARIANTS = {
     "torch-auto": functools.partial(selective_scan, backend="torch"),
-    "torch-chunks4-groups": functools.partial(
-        selective_scan_chunked, chunk_len=4, workspace_elements=3 * 4 * 64
-    ),
-    "torch-chunks16": functools.partial(selective_scan_chunked, chunk_len=16),
+    "cpu-kernel": selective_scan_cpu,
+    "chunked-4-groups": functools.partial(selective_scan_chunked, chunk_len=4, workspace_elements=3 * 4 * 64),
+    "chunked-16": functools.partial(selective_scan_chunked, chunk_len=16),
 }
 
 
@@ -121,8 +122,67 @@ def test_torch_backend_matches_reference(variant, length, groups, flags):
     assert_match(run_with_grads(TORCH_VARIANTS[variant], inputs, **kwargs), expected, torch.float32)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("channels,groups", [(36, 4), (40, 1), (8, 2)])
+def test_cpu_kernel_blocks_and_slices_match_reference(channels, groups, threads):
+    """Channel blocks of 8 with a partial last block per group (36 / 4 = 9 channels), one group split into
+    slices with their own dB/dC partial sums (3 threads > B·G), several tiles of 64 steps (L = 150)."""
+    inputs = make_inputs(150, groups, with_d=True, with_z=True, with_bias=True, channels=channels)
+    expected = run_with_grads(selective_scan_reference, inputs, softplus=True, last_state=True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        actual = run_with_grads(selective_scan_cpu, inputs, softplus=True, last_state=True)
+    finally:
+        torch.set_num_threads(previous)
+    assert_match(actual, expected, torch.float32)
+
+
+def test_cpu_kernel_softplus_and_exp_hold_across_their_range():
+    """Large positive and negative pre-activations: softplus's threshold, underflowing decays, exp of ~88."""
+    inputs = make_inputs(70, 1, with_d=True, with_z=True, with_bias=False)
+    with torch.no_grad():
+        inputs["delta"].copy_(torch.linspace(-30, 30, 70).expand_as(inputs["delta"]))
+        inputs["z"].copy_(torch.linspace(-90, 90, 70).expand_as(inputs["z"]))
+    expected = run_with_grads(selective_scan_reference, inputs, softplus=True, last_state=True)
+    actual = run_with_grads(selective_scan_cpu, inputs, softplus=True, last_state=True)
+    assert all(t is None or torch.isfinite(t).all() for t in actual)
+    assert_match(actual, expected, torch.float32)
+
+
+def test_torch_backend_on_cpu_runs_the_cpp_kernel_and_falls_back_without_it(monkeypatch):
+    inputs = make_inputs(65, 4, with_d=True, with_z=True, with_bias=True)
+    assert cpu_kernel.load_kernel() is not None, "the C++ kernel should build on a machine with g++ and ninja"
+    assert dispatch._torch_implementation("cpu") is selective_scan_cpu
+    monkeypatch.setenv(cpu_kernel.DISABLE_ENV, "0")
+    cpu_kernel.load_kernel.cache_clear()
+    try:
+        assert cpu_kernel.load_kernel() is None
+        assert dispatch._torch_implementation("cpu") is selective_scan_chunked
+        fallback = run_with_grads(
+            functools.partial(selective_scan, backend="torch"), inputs, softplus=True, last_state=True
+        )
+    finally:
+        cpu_kernel.load_kernel.cache_clear()
+    expected = run_with_grads(selective_scan_reference, inputs, softplus=True, last_state=True)
+    assert_match(fallback, expected, torch.float32)
+
+
+def test_failed_kernel_build_warns_and_returns_none(monkeypatch):
+    def broken_load(**kwargs):
+        raise RuntimeError("Error building extension: g++ not found")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", broken_load)
+    cpu_kernel.load_kernel.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="chunked torch scan.*C\\+\\+ compiler"):
+            assert cpu_kernel.load_kernel() is None
+    finally:
+        cpu_kernel.load_kernel.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("variant", ["torch-auto", "torch-chunks4-groups"])
+@pytest.mark.parametrize("variant", ["torch-auto", "cpu-kernel", "chunked-4-groups"])
 def test_torch_backend_half_precision_matches_reference(dtype, variant):
     inputs = make_inputs(65, 4, with_d=True, with_z=True, with_bias=True, dtype=dtype)
     expected = run_with_grads(selective_scan_reference, inputs, softplus=True, last_state=True)
@@ -136,7 +196,7 @@ def test_torch_backend_half_precision_matches_reference(dtype, variant):
 def test_torch_backend_on_cuda_matches_reference(length, groups):
     inputs = make_inputs(length, groups, with_d=True, with_z=True, with_bias=True, device="cuda")
     expected = run_with_grads(selective_scan_reference, inputs, softplus=True, last_state=True)
-    actual = run_with_grads(TORCH_VARIANTS["torch-chunks4-groups"], inputs, softplus=True, last_state=True)
+    actual = run_with_grads(TORCH_VARIANTS["chunked-4-groups"], inputs, softplus=True, last_state=True)
     assert_match(actual, expected, torch.float32)
 
 
@@ -171,7 +231,12 @@ def saved_for_backward_bytes(scan, inputs) -> int:
     return saved
 
 
-def test_torch_backend_saves_no_per_step_state():
+@pytest.mark.parametrize(
+    "scan",
+    [functools.partial(selective_scan, backend="torch"), selective_scan_chunked],
+    ids=["cpu-kernel", "chunked"],
+)
+def test_torch_backend_saves_no_per_step_state(scan):
     """Autograd keeps O(B·D·L + B·G·N·L + B·D·N·L/chunk) bytes, never the (B, D, L, N) states: doubling N
     grows what is saved by far less than one more (B, D, L, ΔN) tensor would."""
     channels, length = 256, 512
@@ -180,7 +245,7 @@ def test_torch_backend_saves_no_per_step_state():
         inputs = make_inputs(
             length, 4, with_d=True, with_z=True, with_bias=True, channels=channels, state=state
         )
-        return saved_for_backward_bytes(functools.partial(selective_scan, backend="torch"), inputs)
+        return saved_for_backward_bytes(scan, inputs)
 
     growth = saved_bytes(32) - saved_bytes(16)
     per_step_state_growth = 2 * channels * length * 16 * 4
@@ -193,7 +258,7 @@ def test_auto_uses_torch_silently_on_cpu(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = selective_scan(**inputs)
-    torch.testing.assert_close(out, selective_scan_chunked(**inputs), rtol=0, atol=0)
+    torch.testing.assert_close(out, selective_scan_cpu(**inputs), rtol=0, atol=0)
     assert dispatch.resolve_backend("auto", "cpu") == "torch"
 
 

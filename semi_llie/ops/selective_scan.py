@@ -1,8 +1,9 @@
 """`selective_scan`: one entry point, three implementations (METHOD §6).
 
 - ``cuda``: mamba_ssm's fused kernel (`selective_scan_fn`), imported only when asked for.
-- ``torch``: `selective_scan_chunked`, our chunked scan with a recomputing backward, for CPUs and for GPUs
-  without the kernel.
+- ``torch``: our own implementation. On CPU tensors `selective_scan_cpu`, a C++ kernel compiled on first use
+  (`cpu_kernel.py`); on other devices, or where that kernel cannot be built, `selective_scan_chunked`, a
+  chunked pure-torch scan with a recomputing backward.
 - ``reference``: the step-by-step recurrence the other two are tested against.
 - ``auto``: the kernel for CUDA tensors when mamba_ssm imports, else ``torch`` (with a one-time warning on
   CUDA, where the missing kernel costs real speed; CPU tensors use ``torch`` silently).
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from semi_llie.errors import ConfigError
 from semi_llie.ops.chunked import selective_scan_chunked
+from semi_llie.ops.cpu_kernel import load_kernel, selective_scan_cpu
 from semi_llie.ops.reference import selective_scan_reference
 
 BACKENDS = ("auto", "cuda", "torch", "reference")
@@ -74,6 +76,13 @@ def _cuda_kernel() -> Callable[..., Tensor | tuple[Tensor, Tensor]]:
     return kernel
 
 
+def _torch_implementation(device_type: str) -> Callable[..., Tensor | tuple[Tensor, Tensor]]:
+    """The C++ kernel for CPU tensors when it builds, else the chunked torch scan."""
+    if device_type == "cpu" and load_kernel() is not None:
+        return selective_scan_cpu
+    return selective_scan_chunked
+
+
 def selective_scan(
     u: Tensor,
     delta: Tensor,
@@ -103,7 +112,7 @@ def selective_scan(
         )
     implementation = {
         "cuda": _cuda_kernel,
-        "torch": lambda: selective_scan_chunked,
+        "torch": lambda: _torch_implementation(u.device.type),
         "reference": lambda: selective_scan_reference,
     }[resolve_backend(backend, u.device.type)]()
     return implementation(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
