@@ -77,19 +77,30 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     parser.add_argument("--backend", default="auto", help="selective-scan backend (auto | torch | reference)")
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument(
+        "--glibc-malloc",
+        action="store_true",
+        help="leave glibc's allocator at its defaults instead of keeping freed memory as the CLI does",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
         import torch
 
+        from semi_llie.allocator import keep_freed_memory
+
+        if not args.glibc_malloc:
+            keep_freed_memory()
         torch.set_num_threads(args.threads)
         print(json.dumps(run_case(*CASES[args.child], args.repeats, args.warmup, args.backend)))
         return 0
 
     print(
         f"MambaLowlight paper config, {args.threads} threads, scan backend {args.backend!r}, "
-        f"{args.repeats} timed runs after {args.warmup} warm-up; load average {os.getloadavg()[0]:.2f}"
+        f"{args.repeats} timed runs after {args.warmup} warm-up, "
+        f"{'glibc default malloc' if args.glibc_malloc else 'freed memory kept (as the CLI)'}; "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
     # On a shared machine wall time depends on the others' load; CPU seconds / threads estimates the wall
     # time on idle cores (an underestimate where the threads cannot all be kept busy).
@@ -109,6 +120,7 @@ def main() -> int:
             str(args.warmup),
             "--backend",
             args.backend,
+            *(["--glibc-malloc"] if args.glibc_malloc else []),
         ]
         result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
         times = f"{result['seconds']:>9.2f}{result['cpu_seconds']:>11.2f}"

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from semi_llie import __version__
+from semi_llie.allocator import keep_freed_memory
 from semi_llie.errors import UserError
 
 # (command words, implementing module, one-line help)
@@ -70,6 +71,7 @@ def _selects(argv: list[str], words: tuple[str, ...]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
