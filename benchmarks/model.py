@@ -1,6 +1,7 @@
 """MambaLowlight (paper config) on CPU: time and peak RSS per case, each case in a fresh subprocess.
 
     python benchmarks/model.py [--threads 2] [--repeats 2] [--warmup 1] [--backend auto] [--cases ...]
+    python benchmarks/model.py --device cuda    # GPU: peak is torch's max allocated bytes, base the model's
 
 Cases: training step (forward + backward, batch 1) at 64², 128², 256², and inference (no_grad) at 600×400
 (a LOL-v1 image). A fresh process per case makes peak RSS the cost of that case alone (plus the torch
@@ -38,16 +39,20 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
-def run_case(mode: str, height: int, width: int, repeats: int, warmup: int, backend: str) -> dict[str, float]:
-    """In the child process: build, warm up, time `repeats` runs; return seconds per run and RSS."""
+def run_case(
+    mode: str, height: int, width: int, repeats: int, warmup: int, backend: str, device: str
+) -> dict[str, float]:
+    """In the child process: build, warm up, time `repeats` runs; return seconds per run and peak memory
+    (RSS on CPU; on CUDA torch's peak allocated bytes during the timed runs, and the model's as "base")."""
     import torch
 
     from semi_llie.models import MambaLowlight
 
     torch.manual_seed(0)
-    model = MambaLowlight(scan_backend=backend)
-    x = torch.rand(1, 3, height, width)
-    base_gib = peak_rss_gib()
+    model = MambaLowlight(scan_backend=backend).to(device)
+    x = torch.rand(1, 3, height, width).to(device)
+    cuda = device == "cuda"
+    base_gib = torch.cuda.memory_allocated() / 2**30 if cuda else peak_rss_gib()
 
     def step() -> None:
         if mode == "train":
@@ -59,15 +64,20 @@ def run_case(mode: str, height: int, width: int, repeats: int, warmup: int, back
             model.eval()
             with torch.no_grad():
                 model(x)
+        if cuda:
+            torch.cuda.synchronize()
 
     for _ in range(warmup):  # allocator and oneDNN kernel selection
         step()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     start, start_cpu = time.perf_counter(), cpu_seconds()
     for _ in range(repeats):
         step()
     seconds = (time.perf_counter() - start) / repeats
     cpu = (cpu_seconds() - start_cpu) / repeats
-    return {"seconds": seconds, "cpu_seconds": cpu, "peak_gib": peak_rss_gib(), "base_gib": base_gib}
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else peak_rss_gib()
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_gib": peak_gib, "base_gib": base_gib}
 
 
 def main() -> int:
@@ -76,6 +86,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     parser.add_argument("--backend", default="auto", help="selective-scan backend (auto | torch | reference)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument(
         "--glibc-malloc",
@@ -93,11 +104,12 @@ def main() -> int:
         if not args.glibc_malloc:
             keep_freed_memory()
         torch.set_num_threads(args.threads)
-        print(json.dumps(run_case(*CASES[args.child], args.repeats, args.warmup, args.backend)))
+        print(json.dumps(run_case(*CASES[args.child], args.repeats, args.warmup, args.backend, args.device)))
         return 0
 
     print(
-        f"MambaLowlight paper config, {args.threads} threads, scan backend {args.backend!r}, "
+        f"MambaLowlight paper config on {args.device}, {args.threads} threads, "
+        f"scan backend {args.backend!r}, "
         f"{args.repeats} timed runs after {args.warmup} warm-up, "
         f"{'glibc default malloc' if args.glibc_malloc else 'freed memory kept (as the CLI)'}; "
         f"load average {os.getloadavg()[0]:.2f}"
@@ -120,6 +132,8 @@ def main() -> int:
             str(args.warmup),
             "--backend",
             args.backend,
+            "--device",
+            args.device,
             *(["--glibc-malloc"] if args.glibc_malloc else []),
         ]
         result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
