@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from semi_llie.allocator import keep_freed_memory
 from semi_llie.modelio import Enhancer
 from semi_llie.models import TINY_MODEL_CONFIG, MambaLowlight, build_model
 from semi_llie.tiling import TilePlan, activation_bytes_per_pixel, enhance_image
@@ -37,6 +38,7 @@ def peak_rss_mb() -> float:
 
 def measure(width: int, height: int, max_memory_mb: float, threads: int, tiny: bool) -> dict[str, float]:
     """In this process: enhance one random width×height image; time, plan and peak RSS."""
+    keep_freed_memory()  # as the CLI does
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model(TINY_MODEL_CONFIG) if tiny else MambaLowlight()

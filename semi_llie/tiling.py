@@ -17,10 +17,12 @@ from torch import Tensor, nn
 from semi_llie.modelio import Enhancer, illumination_maps
 
 # Peak activation memory of a MambaLowlight forward pass (no grad, fp32, CPU) per input pixel and per channel
-# of its widest projection (SS2D's in_proj: 2 · expand · embed_dim outputs); the scan keeps several tensors of
-# 4 directions × d_inner channels alive at once. Measured at 192×192 (peak RSS growth): paper model (width
-# 256) 22.7 KB/px = 89 B per channel, TINY_MODEL_CONFIG (width 64) 7.0 KB/px = 109 B; we take the larger.
-BYTES_PER_PIXEL_PER_CHANNEL = 112.0
+# of its widest projection (SS2D's in_proj: 2 · expand · embed_dim outputs). Measured as peak RSS growth with
+# the CLI's allocator setting (semi_llie.allocator), one direction scanned at a time: paper model (width 256)
+# 36.9 B at 192×192 and 41.2 B at 600×400, TINY_MODEL_CONFIG (width 64) 42.6 B and 34.7 B; and 52 B per pixel
+# of a 576² tile over a tiled 2000×1500 image (freed blocks of earlier tiles stay mapped, and the blended
+# output accumulates). We take that plus ~15 %: tiled runs then stay just under the budget.
+BYTES_PER_PIXEL_PER_CHANNEL = 60.0
 DEFAULT_MAX_MEMORY_MB = 4096
 DEFAULT_OVERLAP = 32
 MIN_TILE = 64
