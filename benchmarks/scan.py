@@ -101,7 +101,9 @@ def run_child(
         str(threads),
         str(repeats),
     ]
-    env = {**os.environ, "SEMI_LLIE_CPU_KERNEL": "0"} if backend == CHUNKED else None
+    from semi_llie.ops.cpu_kernel import DISABLE_ENV
+
+    env = {**os.environ, DISABLE_ENV: "0"} if backend == CHUNKED else None
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{backend} L={length} {mode} failed:\n{done.stderr[-2000:]}")

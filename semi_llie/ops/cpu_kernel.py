@@ -1,8 +1,8 @@
 """The C++ CPU selective scan (csrc/selective_scan_cpu.cpp), compiled on first use.
 
 `torch.utils.cpp_extension.load` builds it with the machine's C++ compiler and ninja into torch's extension
-cache (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``): about a minute once, then a
-cached load. The build targets AVX2+FMA when this CPU has them and baseline x86-64/ARM otherwise; the
+cache (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``): about 25 s once on 2 cores, then
+a cached load. The build targets AVX2+FMA when this CPU has them and baseline x86-64/ARM otherwise; the
 instruction set is part of the extension's name so that a cache shared between machines never hands one
 CPU code for another. If the build fails, or ``SEMI_LLIE_CPU_KERNEL=0``, `load_kernel` returns None and
 the torch backend uses the chunked pure-torch scan instead (with one warning saying why).
@@ -94,19 +94,19 @@ def _fp32(x: Tensor | None) -> Tensor | None:
     return None if x is None else x.detach().float().contiguous()
 
 
-def _time_major(x: Tensor) -> Tensor:
-    """(B, G, N, L) → (B, G, L, N) fp32 contiguous: the N values of one step adjacent, as the kernel reads."""
-    return x.detach().float().transpose(-1, -2).contiguous()
+def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias) -> tuple[Tensor | None, ...]:
+    """The scan's inputs as the kernel reads them: fp32, contiguous, B and C transposed to (B, G, L, N) so
+    that the N values of one step are adjacent."""
+    B_t, C_t = (x.detach().float().transpose(-1, -2).contiguous() for x in (B, C))
+    return _fp32(u), _fp32(delta), _fp32(A), B_t, C_t, _fp32(D), _fp32(z), _fp32(delta_bias)
 
 
 class _CpuScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        kernel = load_kernel()
-        inputs = (_fp32(u), _fp32(delta), _fp32(A), _time_major(B), _time_major(C), _fp32(D), _fp32(z))
-        bias = _fp32(delta_bias)
-        out, last, starts = kernel.forward(*inputs, bias, delta_softplus, CHUNK, True)
-        ctx.save_for_backward(*inputs, bias, starts)
+        inputs = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias)
+        out, last, starts = load_kernel().forward(*inputs, delta_softplus, CHUNK, True)
+        ctx.save_for_backward(*inputs, starts)
         ctx.delta_softplus = delta_softplus
         ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias)]
         return out.to(u.dtype), last
@@ -146,8 +146,6 @@ def selective_scan_cpu(
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
         out, last = _CpuScan.apply(*inputs, delta_softplus)
     else:  # inference: no chunk-entry states to save
-        kernel = load_kernel()
-        args = (_fp32(u), _fp32(delta), _fp32(A), _time_major(B), _time_major(C), _fp32(D), _fp32(z))
-        out, last, _ = kernel.forward(*args, _fp32(delta_bias), delta_softplus, CHUNK, False)
+        out, last, _ = load_kernel().forward(*_kernel_inputs(*inputs), delta_softplus, CHUNK, False)
         out = out.to(u.dtype)
     return (out, last) if return_last_state else out
