@@ -9,7 +9,7 @@ from torch import Tensor
 from semi_llie.errors import ConfigError, UserError
 from semi_llie.models import SS2D, TINY_MODEL_CONFIG, MambaLowlight, build_model, image_gradient
 from semi_llie.models.blocks import ChannelAttention, DropPath, VSSBlock
-from semi_llie.models.ss2d import scan_order, undo_scan_order
+from semi_llie.models.ss2d import scan_positions
 from semi_llie.ops import selective_scan_reference
 
 torch.set_num_threads(1)
@@ -76,9 +76,11 @@ class CumsumScan:
     def __init__(self) -> None:
         self.calls: list[tuple[torch.Size, torch.Size]] = []
 
-    def __call__(self, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *args, **kwargs) -> Tensor:
+    def __call__(
+        self, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *args, positions: Tensor, **kwargs
+    ) -> Tensor:
         self.calls.append((u.shape, B.shape))
-        return u.cumsum(dim=-1)
+        return u[..., positions].cumsum(dim=-1)[..., torch.argsort(positions)]
 
 
 def test_four_scan_orders_are_distinct_and_undone() -> None:
@@ -129,8 +131,8 @@ def test_each_direction_scans_with_its_own_projections(backend: str) -> None:
         out = mixer.scan_2d(x)
         # Direction by direction, with that direction's x_proj, dt_proj, A, D and dt bias only.
         expected = torch.zeros_like(x)
-        for k in range(4):
-            u = scan_order(x, k)  # (B, Di, L)
+        for k, positions in enumerate(scan_positions(5, 6)):
+            u = x.flatten(2)[..., positions]  # (B, Di, L) in scan order
             own = slice(k * di, (k + 1) * di)
             proj = torch.einsum("cd,bdl->bcl", mixer.x_proj_weight[k], u)  # (B, R+2N, L)
             dt = torch.einsum("dr,brl->bdl", mixer.dt_proj_weight[k], proj[:, :rank])
@@ -139,18 +141,19 @@ def test_each_direction_scans_with_its_own_projections(backend: str) -> None:
             y = selective_scan_reference(
                 u, dt, A, B, C, mixer.D[own], delta_bias=mixer.dt_proj_bias[k], delta_softplus=True
             )
-            expected += undo_scan_order(y, k, 5, 6)
+            expected += y[..., torch.argsort(positions)].unflatten(-1, (5, 6))
     torch.testing.assert_close(out, expected, rtol=6e-4, atol=2e-5)
 
 
-def test_scan_orders_are_undone_exactly() -> None:
-    x = torch.arange(2 * 3 * 5 * 7, dtype=torch.float32).view(2, 3, 5, 7)
-    for k in range(4):
-        sequence = scan_order(x, k)
-        assert sequence.shape == (2, 3, 35) and sequence.is_contiguous()
-        torch.testing.assert_close(undo_scan_order(sequence, k, 5, 7), x, rtol=0, atol=0)
-    assert scan_order(x, 1)[0, 0, :6].tolist() == [0, 7, 14, 21, 28, 1]  # column-major
-    assert scan_order(x, 2)[0, 0, :2].tolist() == [34, 33]  # reversed row-major
+def test_scan_positions_are_the_four_orders() -> None:
+    orders = scan_positions(5, 7)
+    assert orders.shape == (4, 35) and orders.dtype == torch.int64
+    for order in orders:  # each visits every pixel once
+        assert sorted(order.tolist()) == list(range(35))
+    assert orders[0, :3].tolist() == [0, 1, 2]  # row-major
+    assert orders[1, :6].tolist() == [0, 7, 14, 21, 28, 1]  # column-major
+    assert orders[2, :2].tolist() == [34, 33]  # reversed row-major
+    assert orders[3, :6].tolist() == [34, 27, 20, 13, 6, 33]  # reversed column-major
 
 
 def test_precomputed_illumination_replaces_the_learned_map() -> None:

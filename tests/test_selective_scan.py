@@ -181,6 +181,62 @@ def test_failed_kernel_build_warns_and_returns_none(monkeypatch):
         cpu_kernel.load_kernel.cache_clear()
 
 
+def scan_in_order(scan, positions: torch.Tensor):
+    """`scan` on inputs gathered into the order `positions`, its output scattered back: what `positions`
+    means, built from flips and indexing only."""
+
+    def ordered(u, delta, A, B, C, D=None, z=None, delta_bias=None, **kwargs):
+        gather = lambda x: None if x is None else x[..., positions]  # noqa: E731
+        result = scan(gather(u), gather(delta), A, gather(B), gather(C), D, gather(z), delta_bias, **kwargs)
+        out, last = result if kwargs.get("return_last_state") else (result, None)
+        back = out[..., torch.argsort(positions)]  # step t's output belongs at position positions[t]
+        return (back, last) if last is not None else back
+
+    return ordered
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["cpu-kernel", "torch-dispatch", "reference-dispatch", "chunked-dispatch"],
+)
+@pytest.mark.parametrize("order", ["reversed", "column-major", "random"])
+def test_positions_set_the_scan_order(variant, order, monkeypatch):
+    """Step t visits position positions[t]; inputs and output stay in memory order. The C++ kernel follows
+    positions natively (150 steps: several tiles), the other implementations through gather and scatter."""
+    length = 150
+    positions = {
+        "reversed": torch.arange(length).flip(0),
+        "column-major": torch.arange(length).view(10, 15).t().flatten(),
+        "random": torch.randperm(length, generator=torch.Generator().manual_seed(3)),
+    }[order]
+    if variant == "chunked-dispatch":  # a CPU without a compiler
+        monkeypatch.setattr(dispatch, "load_kernel", lambda: None)
+    scan = {
+        "cpu-kernel": functools.partial(selective_scan_cpu, positions=positions),
+        "torch-dispatch": functools.partial(selective_scan, backend="torch", positions=positions),
+        "reference-dispatch": functools.partial(selective_scan, backend="reference", positions=positions),
+        "chunked-dispatch": functools.partial(selective_scan, backend="torch", positions=positions),
+    }[variant]
+    inputs = make_inputs(length, 2, with_d=True, with_z=True, with_bias=True)
+    expected = run_with_grads(
+        scan_in_order(selective_scan_reference, positions), inputs, softplus=True, last_state=True
+    )
+    assert_match(run_with_grads(scan, inputs, softplus=True, last_state=True), expected, torch.float32)
+    # The order matters: the same inputs in memory order give another output.
+    plain = run_with_grads(selective_scan_reference, inputs, softplus=True, last_state=True)
+    assert not torch.allclose(plain[0], expected[0], rtol=1e-2, atol=1e-2)
+
+
+def test_cpu_kernel_rejects_positions_that_are_not_a_permutation():
+    inputs = {
+        k: None if v is None else v.detach()
+        for k, v in make_inputs(6, 1, with_d=True, with_z=False, with_bias=False).items()
+    }
+    for bad in (torch.tensor([0, 1, 2, 3, 4, 4]), torch.tensor([0, 1, 2, 3, 4, 6]), torch.arange(5)):
+        with pytest.raises(RuntimeError, match="positions must be"):
+            selective_scan_cpu(**inputs, positions=bad)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("variant", ["torch-auto", "cpu-kernel", "chunked-4-groups"])
 def test_torch_backend_half_precision_matches_reference(dtype, variant):

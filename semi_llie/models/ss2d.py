@@ -5,12 +5,14 @@
     out = out_proj(LayerNorm(y) * SiLU(z))               (B, H, W, C)
 
 The 2D selective scan reads the image as four sequences of length L = H·W (row-major, column-major and
-the reverse of each), scans each with its own projections, A, D and dt bias, maps each output back to
-row-major order and sums them. Every pixel therefore sees context from all four sides.
+the reverse of each), scans each with its own projections, A, D and dt bias, and sums the four outputs per
+pixel. Every pixel therefore sees context from all four sides.
 
 The four directions are four selective-scan calls of Di channels (G = 1), not one call over K·Di channels:
 only one direction's (B, Di, L) tensors are alive at a time, which halves the peak memory of inference at
-600×400 and skips stacking the four sequences. The parameters are stored stacked over the K directions.
+600×400. Every tensor stays in row-major order; each call gets its order as `positions` (see
+`scan_positions`), which the C++ CPU kernel follows in place, so no direction copies, flips or transposes
+its inputs. The parameters are stored stacked over the K directions.
 """
 
 from __future__ import annotations
@@ -33,21 +35,31 @@ DIRECTIONS = 4
 ScanFn = Callable[..., Tensor]
 
 
-def scan_order(x: Tensor, direction: int) -> Tensor:
-    """(B, D, H, W) → (B, D, L) contiguous: the image flattened in scan order `direction` (0-3)."""
-    if direction % 2:
-        x = x.transpose(-1, -2)  # column-major
-    sequence = x.flatten(2)
-    return sequence.flip(-1) if direction >= 2 else sequence.contiguous()
+def scan_positions(height: int, width: int, device: torch.device | None = None) -> Tensor:
+    """(DIRECTIONS, H·W) int64: row k lists the row-major pixel indices in the order direction k visits them.
+
+    The scans take these as `positions` and leave every tensor in row-major order; reordering copies
+    (transposes and flips of (B, Di, L) tensors) cost a third of a CPU training step.
+    """
+    grid = torch.arange(height * width, device=device).view(height, width)
+    row_major, column_major = grid.flatten(), grid.t().flatten()
+    return torch.stack([row_major, column_major, row_major.flip(0), column_major.flip(0)])
 
 
-def undo_scan_order(y: Tensor, direction: int, height: int, width: int) -> Tensor:
-    """(B, D, L) in scan order `direction` → (B, D, H, W) (a view where no copy is needed)."""
-    if direction >= 2:
-        y = y.flip(-1)
-    if direction % 2:
-        return y.unflatten(-1, (width, height)).transpose(-1, -2)
-    return y.unflatten(-1, (height, width))
+class _ContiguousGradient(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous, once.
+
+    The scan output is summed over the four directions and then transposed to tokens, so its gradient
+    arrives transposed; each direction's scan would otherwise copy that same gradient to (B, Di, L) itself.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
 
 
 class MultiScaleDepthwise(nn.Module):
@@ -72,8 +84,9 @@ class MultiScaleDepthwise(nn.Module):
 class SS2D(nn.Module):
     """The 2D selective-scan mixer. `scan_fn` replaces the selective scan (tests inject simple scans).
 
-    `scan_fn` must follow mamba_ssm's `selective_scan_fn(u, delta, A, B, C, D, z, delta_bias,
-    delta_softplus)`; by default it is `semi_llie.ops.selective_scan` with `backend=scan_backend`.
+    `scan_fn` must follow `semi_llie.ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+    positions=...)` (mamba_ssm's `selective_scan_fn` plus the scan order); by default it is that function
+    with `backend=scan_backend`.
     """
 
     def __init__(
@@ -101,7 +114,7 @@ class SS2D(nn.Module):
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.local = MultiScaleDepthwise(d_inner)
-        # Per-direction projections, stored stacked so all four run as one einsum.
+        # Per-direction projections, stored stacked (one tensor per kind, indexed by direction).
         self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * d_state, d_inner))  # x_proj[k]: Di → R+2N
         self.dt_proj_weight = nn.Parameter(torch.empty(k, d_inner, rank))  # dt_proj[k]: R → Di
         self.dt_proj_bias = nn.Parameter(torch.empty(k, d_inner))
@@ -134,28 +147,34 @@ class SS2D(nn.Module):
         return self.out_proj(self.out_norm(y) * F.silu(z))
 
     def scan_2d(self, x: Tensor) -> Tensor:
-        """(B, Di, H, W) → (B, Di, H, W): selective scans in the four orders, undone and summed."""
+        """(B, Di, H, W) → (B, Di, H, W): selective scans in the four orders, summed per pixel."""
         _, _, height, width = x.shape
         A = -torch.exp(self.A_log.float()).view(DIRECTIONS, self.d_inner, self.d_state)  # (K, Di, N)
         skip = self.D.float().view(DIRECTIONS, self.d_inner)  # (K, Di)
+        orders = scan_positions(height, width, x.device)  # (K, L)
+        # (B, Di, L), row-major for every direction. The convs leave x channels-last; one copy here instead
+        # of one in each direction's projection and scan.
+        u = x.flatten(2).contiguous()
+        batch = u.shape[0]
         merged = None
         for k in range(DIRECTIONS):
-            u = scan_order(x, k)  # (B, Di, L)
-            x_dbl = torch.einsum("bdl,cd->bcl", u, self.x_proj_weight[k])  # (B, R+2N, L)
+            # bmm with the weight expanded over the batch, not einsum or matmul: those fold the batch into
+            # the L axis and copy (B, Di, L) tensors to (B·L, Di) and back, forward and backward.
+            x_dbl = torch.bmm(self.x_proj_weight[k].expand(batch, -1, -1), u)  # (B, R+2N, L)
             dts, Bs, Cs = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
             y = self.scan_fn(
                 u,
-                torch.einsum("brl,dr->bdl", dts, self.dt_proj_weight[k]),  # delta: (B, Di, L)
+                torch.bmm(self.dt_proj_weight[k].expand(batch, -1, -1), dts),  # delta: (B, Di, L)
                 A[k],  # (Di, N)
                 Bs.unsqueeze(1).contiguous(),  # B: (B, G=1, N, L)
                 Cs.unsqueeze(1).contiguous(),  # C: (B, G=1, N, L)
                 skip[k],
                 delta_bias=self.dt_proj_bias[k].float(),
                 delta_softplus=True,
+                positions=orders[k],
             )
-            y = undo_scan_order(y, k, height, width)
             merged = y if merged is None else merged + y
-        return merged
+        return _ContiguousGradient.apply(merged).unflatten(-1, (height, width))
 
 
 def resolve_dt_rank(dt_rank: int | str, d_model: int) -> int:

@@ -103,24 +103,38 @@ def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias) -> tuple[Tensor | None, 
 
 class _CpuScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, positions):
         inputs = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias)
-        out, last, starts = load_kernel().forward(*inputs, delta_softplus, CHUNK, True)
-        ctx.save_for_backward(*inputs, starts)
+        out, last, starts = load_kernel().forward(*inputs, delta_softplus, positions, CHUNK, True)
+        ctx.save_for_backward(*inputs, positions, starts)
         ctx.delta_softplus = delta_softplus
         ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias)]
         return out.to(u.dtype), last
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, Bt, Ct, D, z, bias, starts = ctx.saved_tensors
+        u, delta, A, Bt, Ct, D, z, bias, positions, starts = ctx.saved_tensors
         grads = load_kernel().backward(
-            u, delta, A, Bt, Ct, D, z, bias, ctx.delta_softplus, starts, CHUNK, _fp32(dout), _fp32(dlast)
+            u,
+            delta,
+            A,
+            Bt,
+            Ct,
+            D,
+            z,
+            bias,
+            ctx.delta_softplus,
+            positions,
+            starts,
+            CHUNK,
+            _fp32(dout),
+            _fp32(dlast),
         )
         du, d_delta, dA, dBt, dCt, dD, dz, d_bias = grads
         grads = (du, d_delta, dA, dBt.transpose(-1, -2), dCt.transpose(-1, -2), dD, dz, d_bias)
         return (
             *(None if dtype is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)),
+            None,
             None,
         )
 
@@ -136,16 +150,21 @@ def selective_scan_cpu(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    positions: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Same contract as `selective_scan_reference`, on CPU tensors; needs `load_kernel()` to succeed.
 
     u, delta, z: (B, D, L); A: (D, N); B, C: (B, G, N, L); D, delta_bias: (D,). Returns out (B, D, L) in
-    u's dtype, and the last state (B, D, N) in fp32 if `return_last_state`.
+    u's dtype, and the last state (B, D, N) in fp32 if `return_last_state`. `positions` (L,), a permutation
+    of range(L): step t of the recurrence is position positions[t] of every L axis, read and written in place.
     """
     inputs = (u, delta, A, B, C, D, z, delta_bias)
+    if positions is not None:
+        positions = positions.to(device="cpu", dtype=torch.int64).contiguous()
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
-        out, last = _CpuScan.apply(*inputs, delta_softplus)
+        out, last = _CpuScan.apply(*inputs, delta_softplus, positions)
     else:  # inference: no chunk-entry states to save
-        out, last, _ = load_kernel().forward(*_kernel_inputs(*inputs), delta_softplus, CHUNK, False)
+        kernel_inputs = _kernel_inputs(*inputs)
+        out, last, _ = load_kernel().forward(*kernel_inputs, delta_softplus, positions, CHUNK, False)
         out = out.to(u.dtype)
     return (out, last) if return_last_state else out

@@ -7,6 +7,10 @@
 - ``reference``: the step-by-step recurrence the other two are tested against.
 - ``auto``: the kernel for CUDA tensors when mamba_ssm imports, else ``torch`` (with a one-time warning on
   CUDA, where the missing kernel costs real speed; CPU tensors use ``torch`` silently).
+
+`positions` (our addition to mamba_ssm's signature) sets the order in which the recurrence visits the L axis
+while every tensor stays in its memory order. The C++ CPU kernel follows it natively; the other
+implementations get inputs gathered into scan order and the output scattered back.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import functools
 import warnings
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from semi_llie.errors import ConfigError
@@ -95,6 +100,7 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     backend: str = "auto",
+    positions: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """mamba_ssm `selective_scan_fn` semantics.
 
@@ -103,7 +109,8 @@ def selective_scan(
 
     u, delta, z: (B, D, L); A: (D, N) real; B, C: (B, G, N, L), channel d reads group d // (D / G);
     D, delta_bias: (D,). Returns out (B, D, L) in u's dtype, and with `return_last_state` also the final
-    state (B, D, N) in fp32.
+    state (B, D, N) in fp32. `positions` (L,) int64, a permutation of range(L): step t of the recurrence is
+    position positions[t] of every L axis (default: t), so the last state is the one after positions[-1].
     """
     if u.shape[1] % B.shape[1] or B.shape != C.shape:
         raise ValueError(
@@ -115,4 +122,28 @@ def selective_scan(
         "torch": lambda: _torch_implementation(u.device.type),
         "reference": lambda: selective_scan_reference,
     }[resolve_backend(backend, u.device.type)]()
-    return implementation(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if positions is None:
+        return implementation(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if implementation is selective_scan_cpu:
+        return implementation(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, positions=positions
+        )
+    return _scan_gathered(
+        implementation, positions, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+    )
+
+
+def _scan_gathered(
+    implementation, positions, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+) -> Tensor | tuple[Tensor, Tensor]:
+    """`positions` for implementations that scan in memory order: gather the L axes into scan order, scan,
+    scatter the output back."""
+    if positions.shape != (u.shape[-1],):
+        raise ValueError(f"positions must be (L,) = ({u.shape[-1]},); got {tuple(positions.shape)}")
+    positions = positions.to(device=u.device, dtype=torch.int64)
+    u, delta, B, C = (x.index_select(-1, positions) for x in (u, delta, B, C))
+    z = None if z is None else z.index_select(-1, positions)
+    result = implementation(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    out, last = result if return_last_state else (result, None)
+    out = out.index_select(-1, torch.argsort(positions))  # back to memory order
+    return (out, last) if return_last_state else out

@@ -11,6 +11,10 @@
 // A block walks the sequence in tiles of `chunk` steps, copied into (step, lane) buffers so that the
 // (B, D, L) rows are read and written contiguously.
 //
+// Scan order: optional `positions` (L,) int64, a permutation of 0..L-1: step t of the recurrence reads and
+// writes position positions[t] of every L axis (identity when absent). The 2D mixer scans an image in four
+// orders this way, with every tensor left in row-major memory order: no flipped or transposed copies.
+//
 // Memory: the forward stores nothing of size L·N. When a backward will follow it saves the state entering
 // every tile, (B, D, ceil(L / chunk), N). The backward walks the tiles from last to first, recomputes the
 // tile's states and decays from that entry state into per-thread buffers (chunk · N lanes each), then runs
@@ -74,10 +78,26 @@ inline Vec softplus(Vec x) {
 
 struct Shapes {
   int64_t batch, channels, length, groups, state, per_group, blocks_per_group, tiles;
+  const int64_t* positions;  // nullptr: step t is position t
+  int64_t at(int64_t t) const { return positions ? positions[t] : t; }  // memory position of step t
 };
 
-Shapes shapes_of(const at::Tensor& u, const at::Tensor& A, const at::Tensor& Bt, int64_t chunk) {
+Shapes shapes_of(const at::Tensor& u, const at::Tensor& A, const at::Tensor& Bt, int64_t chunk,
+                 const c10::optional<at::Tensor>& positions) {
   Shapes s{};
+  if (positions.has_value()) {
+    TORCH_CHECK(positions->scalar_type() == at::kLong && positions->is_contiguous() && positions->dim() == 1 &&
+                    positions->size(0) == u.size(2),
+                "positions must be a contiguous int64 (L,) permutation of 0..L-1");
+    s.positions = positions->data_ptr<int64_t>();
+    // Every position exactly once: out-of-range ones would read and write outside the tensors.
+    std::vector<bool> seen(u.size(2), false);
+    for (int64_t t = 0; t < u.size(2); ++t) {
+      const int64_t p = s.positions[t];
+      TORCH_CHECK(p >= 0 && p < u.size(2) && !seen[p], "positions must be a permutation of 0..L-1");
+      seen[p] = true;
+    }
+  }
   s.batch = u.size(0);
   s.channels = u.size(1);
   s.length = u.size(2);
@@ -133,15 +153,15 @@ Vec lanes_of(const float* values, const Block& blk) {
 void load_tile(const float* src, const Block& blk, int64_t t0, int64_t steps, Vec* tile) {
   for (int64_t j = 0; j < steps; ++j) tile[j] = Vec{};
   for (int64_t c = 0; c < blk.width && src; ++c) {
-    const float* row = src + blk.channel(c) * blk.s.length + t0;
-    for (int64_t j = 0; j < steps; ++j) tile[j][c] = row[j];
+    const float* row = src + blk.channel(c) * blk.s.length;
+    for (int64_t j = 0; j < steps; ++j) tile[j][c] = row[blk.s.at(t0 + j)];
   }
 }
 
 void store_tile(const Vec* tile, const Block& blk, int64_t t0, int64_t steps, float* dst) {
   for (int64_t c = 0; c < blk.width; ++c) {
-    float* row = dst + blk.channel(c) * blk.s.length + t0;
-    for (int64_t j = 0; j < steps; ++j) row[j] = tile[j][c];
+    float* row = dst + blk.channel(c) * blk.s.length;
+    for (int64_t j = 0; j < steps; ++j) row[blk.s.at(t0 + j)] = tile[j][c];
   }
 }
 
@@ -209,9 +229,10 @@ std::vector<at::Tensor> scan_forward(const at::Tensor& u, const at::Tensor& delt
                                      const at::Tensor& Bt, const at::Tensor& Ct,
                                      const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
                                      const c10::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                                     int64_t chunk, bool save_states) {
+                                     const c10::optional<at::Tensor>& positions, int64_t chunk,
+                                     bool save_states) {
   check_inputs(u, delta, A, Bt, Ct, chunk);
-  const Shapes s = shapes_of(u, A, Bt, chunk);
+  const Shapes s = shapes_of(u, A, Bt, chunk, positions);
   at::Tensor out = at::empty_like(u);
   at::Tensor last = at::empty({s.batch, s.channels, s.state}, u.options());
   at::Tensor starts = save_states ? at::empty({s.batch, s.channels, s.tiles, s.state}, u.options())
@@ -237,8 +258,8 @@ std::vector<at::Tensor> scan_forward(const at::Tensor& u, const at::Tensor& delt
         if (pstarts) save_state(h.data(), blk, s.tiles, tile, pstarts);
         in.load(pdelta, pbias, delta_softplus, pu, blk, t0, steps);
         for (int64_t j = 0; j < steps; ++j) {
-          const float* B_t = pB + (bg * L + t0 + j) * N;
-          const float* C_t = pC + (bg * L + t0 + j) * N;
+          const float* B_t = pB + (bg * L + s.at(t0 + j)) * N;
+          const float* C_t = pC + (bg * L + s.at(t0 + j)) * N;
           y[j] = step<false>(in.dt[j], in.dt[j] * in.u[j], in.A.data(), B_t, C_t, N, h.data(), nullptr) +
                  skip * in.u[j];
         }
@@ -261,12 +282,13 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
                                       const at::Tensor& Bt, const at::Tensor& Ct,
                                       const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
                                       const c10::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                                      const at::Tensor& starts, int64_t chunk, const at::Tensor& dout,
+                                      const c10::optional<at::Tensor>& positions, const at::Tensor& starts,
+                                      int64_t chunk, const at::Tensor& dout,
                                       const c10::optional<at::Tensor>& dlast) {
   check_inputs(u, delta, A, Bt, Ct, chunk);
   TORCH_CHECK(dout.sizes() == u.sizes() && dout.is_contiguous() && dout.scalar_type() == at::kFloat,
               "dout must be contiguous fp32 (B, D, L)");
-  const Shapes s = shapes_of(u, A, Bt, chunk);
+  const Shapes s = shapes_of(u, A, Bt, chunk, positions);
   const int64_t L = s.length, N = s.state;
   TORCH_CHECK(starts.dim() == 4 && starts.size(2) == s.tiles, "tile-entry states do not match");
 
@@ -320,8 +342,9 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
           for (int64_t j = 0; j < steps; ++j) {
             Vec* h = &states[j * N];
             std::copy(j > 0 ? h - N : entry.data(), j > 0 ? h : entry.data() + N, h);
-            const Vec y = step<true>(in.dt[j], in.dt[j] * in.u[j], in.A.data(), pB + (bg * L + t0 + j) * N,
-                                     pC + (bg * L + t0 + j) * N, N, h, &decays[j * N]);
+            const int64_t p = s.at(t0 + j);
+            const Vec y = step<true>(in.dt[j], in.dt[j] * in.u[j], in.A.data(), pB + (bg * L + p) * N,
+                                     pC + (bg * L + p) * N, N, h, &decays[j * N]);
             if (pz) {  // through the gate: out = (y + D u) silu(z)
               const Vec sig = sigmoid(z_tile[j]);
               dz_tile[j] = gy[j] * (y + skip * in.u[j]) * sig * (1.0f + z_tile[j] * (1.0f - sig));
@@ -330,10 +353,11 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
           }
           // Adjoint back through the tile.
           for (int64_t j = steps - 1; j >= 0; --j) {
-            const float* B_t = pB + (bg * L + t0 + j) * N;
-            const float* C_t = pC + (bg * L + t0 + j) * N;
-            float* dB_t = dB_bg + (t0 + j) * N;
-            float* dC_t = dC_bg + (t0 + j) * N;
+            const int64_t p = s.at(t0 + j);
+            const float* B_t = pB + (bg * L + p) * N;
+            const float* C_t = pC + (bg * L + p) * N;
+            float* dB_t = dB_bg + p * N;
+            float* dC_t = dC_bg + p * N;
             const Vec* h = &states[j * N];
             const Vec* h_prev = j > 0 ? h - N : entry.data();
             const Vec* a = &decays[j * N];
