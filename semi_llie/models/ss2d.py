@@ -39,7 +39,7 @@ def scan_positions(height: int, width: int, device: torch.device | None = None) 
     """(DIRECTIONS, H·W) int64: row k lists the row-major pixel indices in the order direction k visits them.
 
     The scans take these as `positions` and leave every tensor in row-major order; reordering copies
-    (transposes and flips of (B, Di, L) tensors) cost a third of a CPU training step.
+    (transposes and flips of (B, Di, L) tensors) cost about a fifth of a CPU training step.
     """
     grid = torch.arange(height * width, device=device).view(height, width)
     row_major, column_major = grid.flatten(), grid.t().flatten()
