@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from torch import Tensor
@@ -9,6 +11,7 @@ from torch import Tensor
 from semi_llie.errors import ConfigError, UserError
 from semi_llie.models import SS2D, TINY_MODEL_CONFIG, MambaLowlight, build_model, image_gradient
 from semi_llie.models.blocks import ChannelAttention, DropPath, VSSBlock
+from semi_llie.models.mambalowlight import MEAN_RGB
 from semi_llie.models.ss2d import scan_positions
 from semi_llie.ops import selective_scan_reference
 
@@ -170,6 +173,37 @@ def test_precomputed_illumination_replaces_the_learned_map() -> None:
         model(x, torch.ones(1, 3, 8, 11))
 
 
+def test_input_normalisation_feeds_the_layers_and_the_residual_adds_the_raw_input() -> None:
+    assert torch.equal(tiny().input_mean.flatten(), torch.tensor(MEAN_RGB))  # the paper's default
+    assert torch.equal(tiny().input_std.flatten(), torch.ones(3))
+    mean, std = (0.06, 0.05, 0.04), (0.1, 0.2, 0.4)
+    model = tiny(input_mean=mean, input_std=std).eval()
+    seen = []
+    model.estimator.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    torch.nn.init.zeros_(model.conv_last.weight)
+    torch.nn.init.zeros_(model.conv_last.bias)
+    x = torch.rand(2, 3, 7, 9)
+    with torch.no_grad():
+        y, _ = model(x)
+    expected = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen[0], expected)
+    assert torch.equal(y, x)  # the network's contribution is zero: y is the raw input, not the normalised one
+
+
+def test_models_pickled_before_input_normalisation_still_load() -> None:
+    model = tiny().eval()
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)[0]
+    # The buffers as a model registered before input_mean/input_std existed held them.
+    model._buffers = {"mean_rgb": model._buffers.pop("input_mean")}
+    model._non_persistent_buffers_set = {"mean_rgb"}
+    restored = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x)[0], expected)
+    assert set(restored.state_dict()) == set(tiny().state_dict())
+
+
 def test_learned_illumination_ignores_a_given_map() -> None:
     model = tiny().eval()
     x = torch.rand(1, 3, 9, 11)
@@ -211,6 +245,10 @@ def test_build_model_rejects_unknown_keys_and_values() -> None:
         build_model({**TINY_MODEL_CONFIG, "embed_dims": 32})
     with pytest.raises(ConfigError, match="illumination"):
         build_model({**TINY_MODEL_CONFIG, "illumination": "retinex"})
+    with pytest.raises(ConfigError, match="input_std"):
+        build_model({**TINY_MODEL_CONFIG, "input_std": [0.1, 0.0, 0.1]})
+    with pytest.raises(ConfigError, match="input_mean"):
+        build_model({**TINY_MODEL_CONFIG, "input_mean": [0.5]})
     with pytest.raises(ConfigError, match="scan_backend"):
         build_model({**TINY_MODEL_CONFIG, "scan_backend": "triton"})
     assert isinstance(build_model({**TINY_MODEL_CONFIG, "depths": [1, 2]}), MambaLowlight)

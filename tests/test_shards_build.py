@@ -14,8 +14,10 @@ from shard_helpers import make_dataset, save, smooth_image
 
 from semi_llie.cli import main as cli
 from semi_llie.data.build import BuildConfig, build_shards
+from semi_llie.data.build_cli import summary
 from semi_llie.data.illumination import illumination_map
 from semi_llie.data.images import load_rgb8
+from semi_llie.data.manifest import input_statistics
 from semi_llie.data.sources import sample_key
 
 
@@ -72,6 +74,22 @@ def test_build_writes_samples_manifest_and_illumination(built, dataset):
     assert any(
         path.endswith("syn0.png") for path in (r["sources"]["low"]["path"] for r in manifest["samples"])
     )
+
+
+def test_manifest_gives_the_labeled_inputs_statistics(built):
+    manifest = json.loads((built / "manifest.json").read_text())
+    labeled = [r for r in manifest["samples"] if r["split"] == "labeled"]
+    pixels = np.stack([load_rgb8(Path(r["sources"]["low"]["path"])) / 255.0 for r in labeled])  # same sizes
+    pixels = pixels.reshape(-1, 3)
+    mean, std = input_statistics(manifest["samples"])
+    np.testing.assert_allclose(mean, pixels.mean(0), atol=1e-4)
+    np.testing.assert_allclose(std, pixels.std(0), atol=1e-4)
+    assert f"mean {mean}, std {std} (model.input_mean / input_std)" in summary(manifest, built)
+    # A manifest from before the builder recorded moments has no statistics (and no summary line).
+    for record in manifest["samples"]:
+        del record["low_moments"]
+    assert input_statistics(manifest["samples"]) is None
+    assert "input_mean" not in summary(manifest, built)
 
 
 def test_tar_metadata_is_fixed(built):
@@ -261,8 +279,11 @@ def test_verify_reports_missing_truncated_and_altered_shards(built, tmp_path, ca
 def test_parts_merged_equal_the_whole_build(built, dataset, tmp_path, capsys):
     for index in (1, 2, 3):
         assert build(tmp_path, dataset, "--crop-size", "48", "--part", f"{index}/3") == 0
+    capsys.readouterr()
     assert cli(["shards", "merge", str(tmp_path)]) == 0
     whole = json.loads((built / "manifest.json").read_text())
+    mean, std = input_statistics(whole["samples"])
+    assert f"mean {mean}, std {std}" in capsys.readouterr().out  # pooled over the parts, as for the whole
     merged = json.loads((tmp_path / "manifest.json").read_text())
 
     def without_shard(records):

@@ -103,9 +103,18 @@ def encode_sample(sample: Sample, crop_size: int) -> EncodedSample | SkippableIn
     if "high" in pixels:
         members["high.png"] = encode_png(pixels["high"])
     members["json"] = json.dumps(info, sort_keys=True).encode()
-    record = {**info, "sources": sources, "phash": hashes}
+    record = {**info, "sources": sources, "phash": hashes, "low_moments": channel_moments(pixels["low"])}
     record["flags"] = [SMALL_FLAG] if min(height, width) < crop_size else []
     return EncodedSample(sample.key, members, record)
+
+
+def channel_moments(image: np.ndarray) -> list[list[float]]:
+    """H×W×3 uint8 → [[mean R, G, B], [mean of squares R, G, B]] in [0, 1] units, rounded for stable JSON.
+
+    Per-sample moments let any set of samples (a split, the parts of a merged build) be pooled exactly.
+    """
+    values = image.reshape(-1, 3).astype(np.float64) / 255.0
+    return [np.round(values.mean(0), 8).tolist(), np.round((values**2).mean(0), 8).tolist()]
 
 
 class ShardWriter:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from semi_llie.data.build import BuildConfig, build_shards
+from semi_llie.data.manifest import input_statistics
 from semi_llie.errors import UserError
 
 
@@ -115,6 +116,8 @@ def summary(manifest: dict, out: Path) -> str:
         f"wrote {len(manifest['samples'])} samples ({splits}) in {len(manifest['shards'])} shards "
         f"({megabytes:.1f} MB) to {out}"
     ]
+    if not manifest["builder"]["part"]:
+        lines += statistics_lines(manifest)
     small = manifest["flags"]["smaller_than_crop"]
     if small:
         lines.append(f"{len(small)} image(s) smaller than the crop (flagged): {', '.join(small)}")
@@ -127,6 +130,15 @@ def summary(manifest: dict, out: Path) -> str:
             f"`semi-llie shards merge {out}`"
         )
     return "\n".join(lines)
+
+
+def statistics_lines(manifest: dict) -> list[str]:
+    """The labeled inputs' per-channel statistics, for the model config (none for old manifests)."""
+    statistics = input_statistics(manifest["samples"])
+    if statistics is None:
+        return []
+    mean, std = statistics
+    return [f"labeled inputs per channel: mean {mean}, std {std} (model.input_mean / input_std)"]
 
 
 def _part(text: str) -> tuple[int, int]:

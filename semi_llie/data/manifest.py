@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from semi_llie.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
@@ -79,6 +81,22 @@ class Manifest:
 
     def num_samples(self, split: str, subset: str | None = None) -> int:
         return sum(s.samples for s in self.shards_of(split, subset))
+
+
+def input_statistics(samples: list[dict[str, Any]]) -> tuple[list[float], list[float]] | None:
+    """Per-channel mean and std of the labeled low images: the values for the model's `input_mean` /
+    `input_std`. None for manifests written before the builder recorded per-sample moments.
+
+    Labeled only: the supervised loss and the val metrics see these inputs, while unlabeled photos may come
+    from other cameras and exposures. Each image weighs the same, as the training stream samples images,
+    not pixels (a random crop of each).
+    """
+    labeled = [s for s in samples if s["split"] == "labeled"]
+    if not labeled or any("low_moments" not in s for s in labeled):
+        return None
+    means, squares = (np.array([s["low_moments"][i] for s in labeled]).mean(0) for i in (0, 1))  # (3,)
+    std = np.sqrt(np.maximum(squares - means**2, 0.0))
+    return np.round(means, 4).tolist(), np.round(std, 4).tolist()
 
 
 def resolve(location: str, name: str) -> str:

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from semi_llie.data.build import check_overlaps, manifest_dict
+from semi_llie.data.build_cli import statistics_lines
 from semi_llie.data.manifest import MANIFEST_NAME, part_manifest_name, read_json, write_json_atomic
 from semi_llie.data.sources import SPLITS
 from semi_llie.errors import UserError
@@ -30,6 +31,8 @@ def main(args: argparse.Namespace) -> int:
         f"merged {manifest['builder']['merged_parts']} parts: {len(manifest['samples'])} samples in "
         f"{len(manifest['shards'])} shards -> {args.out / MANIFEST_NAME}"
     )
+    for line in statistics_lines(manifest):
+        print(line)
     return 0
 
 
