@@ -1,16 +1,17 @@
 """MambaLowlight: the Semi-LLIE backbone (METHOD §1), a single-resolution residual Mamba network.
 
-    (x − mean)/std ─┬─ IlluminationEstimator ─┬─ illu_map (B,3,H,W) (or the precomputed map) ─┐
-              │                         └─ illu_fea (B,C,H,W) ─ guided blocks only      │
-              └──────────────────────────────────────── cat[x, illu_map] ───────────────┴─ conv_first = f0
+    n = (x − mean)/std ─┬─ IlluminationEstimator ─┬─ illu_map (B,3,H,W) (or the precomputed map) ─┐
+                        │                         └─ illu_fea (B,C,H,W) ─ guided blocks only      │
+                        └─────────────────────────────── cat[n, illu_map] ─────────┴─ conv_first = f0
     f0 ─ LN ─ ResidualGroups ─ LN ─ conv_body ─ + f0 ─ conv_last ─ + x = y
     returns (y, image_gradient(y))
 
 Input normalisation (our addition): the paper subtracts the mean of well-lit images (MEAN_RGB, std 1), and
 `y = (x − mean) + conv_last(res) + mean` is the same as `y = x + conv_last(res)`. Low-light inputs sit far
 below that mean with a tenth of its spread, so the first layers see a nearly constant input and learn the
-per-pixel gain slowly; `input_mean`/`input_std` set to the training inputs' own statistics centre and scale
-them (measured on LOL, 320 supervised steps: +1.2 dB val PSNR). The global residual always adds the raw x.
+per-pixel gain slowly. `input_mean`/`input_std` set to the labeled inputs' own statistics (`shards build`
+prints them) centre and scale them (measured on LOL, 320 supervised steps: +1.2 dB val PSNR). The global
+residual always adds the raw x.
 
 Parameter counts at the defaults (embed_dim 64, depths (2, 2), d_state 16, expand 2):
     illumination="learned":      610,530 (guided: 802,530)
