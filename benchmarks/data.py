@@ -2,7 +2,8 @@
 
 Both sides read the same PNG bytes (low, high and the precomputed illumination map, extracted from the
 shards into folders), decode them the same way and apply the same crop + dihedral augmentation; only the
-storage and the pipeline differ. Prints samples/s for 0 and 2 DataLoader workers and the ratio.
+storage and the pipeline differ. Prints samples/s for 0 and 2 DataLoader workers and the ratio, then the
+shard stream with `cache_labeled` (decoded pairs kept in memory) once its cache is full.
 
     python benchmarks/data.py [--shards DIR] [--samples 96] [--rounds 3] [--batch-size 8] [--crop-size 256]
 
@@ -104,6 +105,7 @@ def main() -> None:
         folders = Path(temporary) / "folders"
         extract_to_folders(shards, folders)
         print(f"{len(FolderPairs(folders, 1))} labeled pairs, batch {args.batch_size}, crop {args.crop_size}")
+        shard_rates = []
         for workers in (0, 2):
             stream = labeled_loader(shards, args.batch_size, args.crop_size, seed=0, num_workers=workers)
             pairs = FolderPairs(folders, args.crop_size)
@@ -117,10 +119,22 @@ def main() -> None:
             )
             shard_rate, folder_rate = best_rates(stream, folder, args.batch_size, args.samples, args.rounds)
             ratio = shard_rate / folder_rate
+            shard_rates.append(shard_rate)
             print(
                 f"workers={workers}: shards {shard_rate:6.1f} samples/s | folder {folder_rate:6.1f} samples/s"
                 f" | shards/folder {ratio:.2f}x"
             )
+        cached = iter(labeled_loader(shards, args.batch_size, args.crop_size, seed=0, cache_decoded=True))
+        pairs_count = len(FolderPairs(folders, 1))
+        for _ in itertools.islice(cached, -(-pairs_count // args.batch_size)):  # one epoch fills the cache
+            pass
+        cached_rate = max(
+            samples_per_second(cached, args.batch_size, args.samples) for _ in range(args.rounds)
+        )
+        print(
+            f"workers=0, cache_labeled: {cached_rate:6.1f} samples/s | cached/uncached shards "
+            f"{cached_rate / shard_rates[0]:.1f}x"
+        )
 
 
 if __name__ == "__main__":

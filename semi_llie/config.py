@@ -34,6 +34,9 @@ class DataConfig(Block):
     batch_size_labeled: int = Field(8, ge=1)  # per process
     batch_size_unlabeled: int = Field(8, ge=0)  # per process; 0 trains on labeled pairs only
     crop_size: int = Field(256, ge=8)  # labeled random crop
+    # Keep decoded labeled pairs in RAM (9 bytes per pixel per pair, per data reader): for small labeled sets
+    # trained with small crops and large batches, where PNG decoding would bound the step.
+    cache_labeled: bool = False
     unlabeled_size: int = Field(256, ge=8)  # weak/strong views are resized to this square size
     num_workers: int = Field(2, ge=0)
     seed: int = 2022

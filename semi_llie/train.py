@@ -167,7 +167,13 @@ def main(args: argparse.Namespace) -> int:
         start_batch=micro_batches,
     )
     labeled_batches = iter(
-        labeled_loader(manifest, cfg.data.batch_size_labeled, cfg.data.crop_size, **stream_args)
+        labeled_loader(
+            manifest,
+            cfg.data.batch_size_labeled,
+            cfg.data.crop_size,
+            cache_decoded=cfg.data.cache_labeled,
+            **stream_args,
+        )
     )
     unlabeled_batches = (
         iter(

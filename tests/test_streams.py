@@ -9,12 +9,13 @@ import pytest
 import torch
 from shard_helpers import make_dataset
 
-from semi_llie.data import Manifest, eval_loader, labeled_loader, unlabeled_loader
+from semi_llie.data import Manifest, eval_loader, labeled_loader, streams, unlabeled_loader
 from semi_llie.data.augment import dihedral, paired_crop, resize_square, strong_view
 from semi_llie.data.build import BuildConfig, build_shards
 from semi_llie.errors import UserError
 
 torch.set_num_threads(1)
+real_decode = streams.decode
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,19 @@ def test_labeled_batches_have_contract_shapes_and_aligned_crops(shards):
     synthetic = [i for i, k in enumerate(batch["key"]) if "_syn" in k]
     for i in synthetic:  # synthetic pairs have high = 255 - low: only an identical crop keeps that
         torch.testing.assert_close(batch["high"][i], 1.0 - batch["low"][i])
+
+
+def test_cached_decoding_gives_the_same_batches_and_decodes_each_pair_once(shards, monkeypatch):
+    def batches(**kwargs):
+        return take(labeled_loader(shards, batch_size=2, crop_size=16, seed=3, **kwargs), 9)
+
+    plain = batches()
+    decoded = []
+    monkeypatch.setattr(streams, "decode", lambda data: decoded.append(data) or real_decode(data))
+    cached = batches(cache_decoded=True)
+    for a, b in zip(plain, cached, strict=True):  # 9 batches of 2 = 3 epochs of the 6 labeled pairs
+        assert a["key"] == b["key"] and all(torch.equal(a[n], b[n]) for n in ("low", "high", "illum"))
+    assert len(decoded) == 6 * 3  # low, high and illum of each pair, decoded in the first epoch only
 
 
 def test_images_smaller_than_the_crop_are_padded(shards):
