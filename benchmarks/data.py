@@ -61,23 +61,28 @@ def extract_to_folders(shards: Path, root: Path) -> None:
                     (root / suffix[:-4] / f"{key}.png").write_bytes(tar.extractfile(member).read())
 
 
-def samples_per_second(batches, batch_size: int, samples: int) -> float:
+def samples_per_second(batches, batch_size: int, samples: int, prefetched: int) -> float:
+    """Samples/s over `samples`, after taking the `prefetched` batches the workers made while idle."""
+    for _ in itertools.islice(batches, prefetched):
+        pass
     start = time.perf_counter()
     count = sum(len(b["low"]) for b in itertools.islice(batches, max(1, samples // batch_size)))
     return count / (time.perf_counter() - start)
 
 
 def best_rates(
-    shard_loader, folder_loader, batch_size: int, samples: int, rounds: int
+    shard_loader, folder_loader, batch_size: int, samples: int, rounds: int, workers: int
 ) -> tuple[float, float]:
     """Best samples/s of each over `rounds` alternating rounds: the shared CPU's load drifts, and the
-    best round is the least disturbed one. Start-up (workers, first shard) is excluded."""
+    best round is the least disturbed one. Start-up (workers, first shard) is excluded, and so are the
+    batches (2 per worker) prefetched while the other loader was being timed."""
     shard_batches, folder_batches = iter(shard_loader), cycle(folder_loader)
     next(shard_batches), next(folder_batches)
+    prefetched = 2 * workers  # DataLoader's default prefetch_factor
     shard_rate = folder_rate = 0.0
     for _ in range(rounds):
-        shard_rate = max(shard_rate, samples_per_second(shard_batches, batch_size, samples))
-        folder_rate = max(folder_rate, samples_per_second(folder_batches, batch_size, samples))
+        shard_rate = max(shard_rate, samples_per_second(shard_batches, batch_size, samples, prefetched))
+        folder_rate = max(folder_rate, samples_per_second(folder_batches, batch_size, samples, prefetched))
     return shard_rate, folder_rate
 
 
@@ -117,7 +122,9 @@ def main() -> None:
                 persistent_workers=workers > 0,
                 drop_last=True,
             )
-            shard_rate, folder_rate = best_rates(stream, folder, args.batch_size, args.samples, args.rounds)
+            shard_rate, folder_rate = best_rates(
+                stream, folder, args.batch_size, args.samples, args.rounds, workers
+            )
             ratio = shard_rate / folder_rate
             shard_rates.append(shard_rate)
             print(
@@ -129,7 +136,7 @@ def main() -> None:
         for _ in itertools.islice(cached, -(-pairs_count // args.batch_size)):  # one epoch fills the cache
             pass
         cached_rate = max(
-            samples_per_second(cached, args.batch_size, args.samples) for _ in range(args.rounds)
+            samples_per_second(cached, args.batch_size, args.samples, 0) for _ in range(args.rounds)
         )
         print(
             f"workers=0, cache_labeled: {cached_rate:6.1f} samples/s | cached/uncached shards "
