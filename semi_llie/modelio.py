@@ -33,7 +33,8 @@ class Enhancer(nn.Module):
 
     Wraps a network with the MambaLowlight interface, `forward(x, illum=None) -> (y, grad_y)`. For a model
     with `illumination="precomputed"` the illumination map is computed here exactly as the shards store it
-    (METHOD §5), unless the caller passes one (tiled inference passes the map of the whole image). A model
+    (METHOD §5), unless the caller passes one (tiled inference passes the map of the whole image), and so is
+    the exposure gain of a model with `exposure_gain` (tiled inference passes the whole image's). A model
     attribute `size_multiple` (> 1) makes the input reflect-padded to a multiple of it and the output
     cropped back, never resized (METHOD §8).
     """
@@ -46,16 +47,23 @@ class Enhancer(nn.Module):
     def needs_illumination(self) -> bool:
         return getattr(self.model, "illumination", "learned") == "precomputed"
 
-    def forward(self, x: Tensor, illum: Tensor | None = None) -> Tensor:
-        """x, illum: B×3×H×W in [0, 1] -> B×3×H×W in [0, 1]."""
+    def exposure_gain(self, x: Tensor) -> Tensor | None:
+        """x: B×3×H×W -> the model's per-image gain B×3×1×1 for it, or None for a model without one."""
+        gain = getattr(self.model, "exposure_gain", None)
+        return gain(x) if gain is not None else None
+
+    def forward(self, x: Tensor, illum: Tensor | None = None, gain: Tensor | None = None) -> Tensor:
+        """x, illum: B×3×H×W in [0, 1], gain: B×3×1×1 -> B×3×H×W in [0, 1]."""
         if self.needs_illumination and illum is None:
             illum = illumination_maps(x)
+        if gain is None:
+            gain = self.exposure_gain(x)  # before padding: the padded border must not move the image's mean
         height, width = x.shape[-2:]
         multiple = int(getattr(self.model, "size_multiple", 1))
         x = reflect_pad_to_multiple(x, multiple)
         if illum is not None:
             illum = reflect_pad_to_multiple(illum.to(x), multiple)
-        y, _ = self.model(x, illum)
+        y, _ = self.model(x, illum) if gain is None else self.model(x, illum, gain)
         return y[..., :height, :width].clamp(0, 1)
 
 

@@ -97,12 +97,14 @@ def enhance_image(enhancer: Enhancer, x: Tensor, plan: TilePlan, illum: Tensor |
     """x: B×3×H×W in [0, 1] on the model's device -> B×3×H×W enhanced, whole or tiled per `plan`.
 
     For a model with a precomputed illumination map, the map of the whole image is computed once and tiled
-    alongside, so a tile sees the same map as it would inside the whole image.
+    alongside, so a tile sees the same map as it would inside the whole image; likewise a model's exposure
+    gain is the whole image's, so that a dark tile is not brightened more than its neighbours.
     """
     if plan.tile is None:
         return enhancer(x, illum)
     if enhancer.needs_illumination and illum is None:
         illum = illumination_maps(x)
+    gain = enhancer.exposure_gain(x)  # B×3×1×1 or None
     batch, _, height, width = x.shape
     tile_h, tile_w = min(plan.tile, height), min(plan.tile, width)
     window = blend_window(tile_h, tile_w, plan.overlap, x.device)  # 1×1×th×tw
@@ -112,6 +114,6 @@ def enhance_image(enhancer: Enhancer, x: Tensor, plan: TilePlan, illum: Tensor |
         for left in tile_starts(width, tile_w, plan.overlap):
             rows, cols = slice(top, top + tile_h), slice(left, left + tile_w)
             tile_illum = illum[..., rows, cols] if illum is not None else None
-            total[..., rows, cols] += enhancer(x[..., rows, cols], tile_illum).float() * window
+            total[..., rows, cols] += enhancer(x[..., rows, cols], tile_illum, gain).float() * window
             weight[..., rows, cols] += window
     return total / weight

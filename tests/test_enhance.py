@@ -104,6 +104,22 @@ def test_tiled_matches_untiled_for_a_tiny_mambalowlight() -> None:
     assert psnr_numpy(tiled.numpy(), whole.numpy()) >= 45.0
 
 
+def test_tiles_share_the_whole_images_exposure_gain() -> None:
+    model = build_model({**TINY_MODEL_CONFIG, "exposure": True})
+    nn.init.zeros_(model.conv_last.weight)  # y = gain · x exactly
+    nn.init.zeros_(model.conv_last.bias)
+    enhancer = Enhancer(model).eval()
+    x = torch.full((1, 3, 96, 128), 0.02)
+    x[..., 64:] = 0.2  # a dark left and a bright right: each tile alone would get its own gain
+    with torch.no_grad():
+        model.exposure.linear.weight.copy_(-0.5 * torch.eye(3))
+        whole = enhance_image(enhancer, x, TilePlan(None, 16))
+        tiled = enhance_image(enhancer, x, TilePlan(64, 16))
+        torch.testing.assert_close(whole, (x * model.exposure_gain(x)).clamp(0, 1))
+        torch.testing.assert_close(tiled, whole, atol=1e-6, rtol=0)
+        assert not torch.allclose(enhancer(x[..., :64]), whole[..., :64])  # the left tile's own gain differs
+
+
 def test_precomputed_illumination_is_computed_like_the_shards() -> None:
     torch.manual_seed(0)
     model = build_model({**TINY_MODEL_CONFIG, "illumination": "precomputed"}).eval()

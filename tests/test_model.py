@@ -31,6 +31,7 @@ def n_params(model: torch.nn.Module) -> int:
     [
         ({}, 610_530),
         ({"guided": True}, 802_530),
+        ({"exposure": True}, 610_530 + 12),  # a 3×3 linear map and its bias
         ({"illumination": "precomputed"}, 610_530 - 26_179),  # no estimator at all
         (
             {"illumination": "precomputed", "guided": True},
@@ -53,7 +54,9 @@ def test_output_shapes_any_size(size: tuple[int, int]) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{}, {"guided": True}, {"illumination": "precomputed", "guided": True}], ids=str
+    "kwargs",
+    [{}, {"guided": True}, {"illumination": "precomputed", "guided": True}, {"exposure": True}],
+    ids=str,
 )
 def test_gradients_reach_every_parameter(kwargs: dict) -> None:
     torch.manual_seed(0)
@@ -188,6 +191,28 @@ def test_input_normalisation_feeds_the_layers_and_the_residual_adds_the_raw_inpu
     expected = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(seen[0], expected)
     assert torch.equal(y, x)  # the network's contribution is zero: y is the raw input, not the normalised one
+
+
+def test_exposure_gain_starts_at_one_and_can_bring_each_image_to_the_reference_mean() -> None:
+    torch.manual_seed(0)
+    mean = (0.06, 0.05, 0.04)
+    model = tiny(exposure=True, input_mean=mean).eval()
+    plain = tiny(input_mean=mean).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("exposure.")})
+    x = torch.rand(2, 3, 8, 10) * torch.tensor([0.1, 0.4]).view(2, 1, 1, 1)  # a dark and a dim image
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], plain(x)[0])  # gain 1: the paper's model
+
+        model.exposure.linear.weight.copy_(-torch.eye(3))  # gain = reference / mean: full normalisation
+        gain = model.exposure_gain(x)
+        assert gain.shape == (2, 3, 1, 1)
+        torch.testing.assert_close((gain * x).mean(dim=(2, 3)), torch.tensor([mean, mean]))
+        seen = []
+        model.estimator.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        model(x)
+        torch.testing.assert_close(seen[0], (x * gain - model.input_mean) / model.input_std)
+        # A given gain replaces the computed one (tiled inference passes the whole image's).
+        torch.testing.assert_close(model(x, gain=torch.ones(2, 3, 1, 1))[0], plain(x)[0])
 
 
 def test_models_pickled_before_input_normalisation_still_load() -> None:

@@ -1,5 +1,6 @@
 """MambaLowlight: the Semi-LLIE backbone (METHOD §1), a single-resolution residual Mamba network.
 
+    x ← g·x (exposure: true only; g (B,3,1,1) from mean_hw(x), see ExposureGain)
     n = (x − mean)/std ─┬─ IlluminationEstimator ─┬─ illu_map (B,3,H,W) (or the precomputed map) ─┐
                         │                         └─ illu_fea (B,C,H,W) ─ guided blocks only      │
                         └─────────────────────────────── cat[n, illu_map] ─────────┴─ conv_first = f0
@@ -11,10 +12,17 @@ Input normalisation (our addition): the paper subtracts the mean of well-lit ima
 below that mean with a tenth of its spread, so the first layers see a nearly constant input and learn the
 per-pixel gain slowly. `input_mean`/`input_std` set to the labeled inputs' own statistics (`shards build`
 prints them) centre and scale them (measured on LOL, 320 supervised steps: +1.2 dB val PSNR). The global
-residual always adds the raw x.
+residual always adds the raw x (after the exposure gain, when there is one).
+
+Exposure gain (our addition, `exposure: true`): on LOL the ground truth's brightness is unrelated to the
+input's (correlation 0.02 between the mean brightness of the 100 training lows and their highs), so the best
+guess for a dark input is a brighter image than for a dim one. The network's receptive field is local and
+sees only how dark its neighbourhood is: without the gain it brightened the darkest images least (its outputs'
+mean followed the input's). The gain sees the whole input and starts at 1. Measured on LOL, 320 supervised
+steps on 36 crops of 32, two seeds: 20.96 / 20.38 dB val PSNR against 19.87 / 18.80 without it.
 
 Parameter counts at the defaults (embed_dim 64, depths (2, 2), d_state 16, expand 2):
-    illumination="learned":      610,530 (guided: 802,530)
+    illumination="learned":      610,530 (guided: 802,530); exposure adds 12
     illumination="precomputed":  the estimator is built only as far as it is used: without guidance it is
                                  not built at all (584,351); guided blocks still need illu_fea, so only its
                                  illu_map head (195) is dropped (802,335). No parameter is ever unused, which
@@ -56,11 +64,34 @@ class IlluminationEstimator(nn.Module):
         return illu_fea, illu_map
 
 
+class ExposureGain(nn.Module):
+    """x (B, 3, H, W) → per-image RGB gain (B, 3, 1, 1): log g = W · log(mean_hw(x) / reference) + b.
+
+    W and b start at zero (g = 1, the paper's model). W = −I, b = 0 would bring every image's mean to
+    `reference` (the model's input_mean); training finds how far towards that to go.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: Tensor, reference: Tensor) -> Tensor:
+        """x (B, 3, H, W), reference (1, 3, 1, 1) → gain (B, 3, 1, 1)."""
+        log_ratio = x.mean(dim=(2, 3)).clamp_min(1e-4).log() - reference.flatten().log()  # (B, 3)
+        return self.linear(log_ratio).exp()[:, :, None, None]
+
+
 class MambaLowlight(nn.Module):
-    """forward(x, illum=None) → (y, grad_y), all B×3×H×W, for any H×W.
+    """forward(x, illum=None, gain=None) → (y, grad_y), all B×3×H×W, for any H×W.
 
     `illum` (B×3×H×W in [0, 1]) is required with illumination="precomputed" and replaces the learned
     illu_map; with "learned" it is ignored, so a trainer may always pass the batch's map.
+    `gain` (B×3×1×1) replaces the exposure gain computed from x: tiled inference passes the whole image's
+    (`exposure_gain`), so that every tile is brightened alike. Ignored without `exposure`.
     """
 
     def __init__(
@@ -76,6 +107,7 @@ class MambaLowlight(nn.Module):
         scan_backend: str = "auto",
         input_mean: Sequence[float] = MEAN_RGB,
         input_std: Sequence[float] = (1.0, 1.0, 1.0),
+        exposure: bool = False,
     ) -> None:
         super().__init__()
         if illumination not in ILLUMINATION_MODES:
@@ -114,10 +146,22 @@ class MambaLowlight(nn.Module):
         self.norm_out = nn.LayerNorm(embed_dim)
         self.conv_body = nn.Conv2d(embed_dim, embed_dim, 3, padding=1)
         self.conv_last = nn.Conv2d(embed_dim, 3, 3, padding=1)
+        self.exposure = ExposureGain() if exposure else None
         self.apply(_init_linear_and_norm)
+        if self.exposure is not None:
+            self.exposure.reset_parameters()
 
-    def forward(self, x: Tensor, illum: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x (B, 3, H, W) in [0, 1], illum (B, 3, H, W) or None → y (B, 3, H, W), grad_y (B, 3, H, W)."""
+    def exposure_gain(self, x: Tensor) -> Tensor | None:
+        """x (B, 3, H, W) → the gain (B, 3, 1, 1) forward applies to it; None without `exposure`."""
+        return self.exposure(x, self.input_mean) if self.exposure is not None else None
+
+    def forward(
+        self, x: Tensor, illum: Tensor | None = None, gain: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """x (B, 3, H, W) in [0, 1], illum (B, 3, H, W) or None, gain (B, 3, 1, 1) or None → y (B, 3, H, W),
+        grad_y (B, 3, H, W)."""
+        if self.exposure is not None:
+            x = x * (self.exposure_gain(x) if gain is None else gain)
         normalised = (x - self.input_mean) / self.input_std
         illu_fea, illu_map = self.estimator(normalised) if self.estimator is not None else (None, None)
         if self.illumination == "precomputed":
