@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import itertools
+import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -79,7 +82,8 @@ def test_paired_crop_uses_all_eight_dihedral_transforms():
 
 def test_unlabeled_views(shards):
     batch = take(unlabeled_loader(shards, batch_size=3, unlabeled_size=40, seed=0), 1)[0]
-    assert {k: tuple(v.shape) for k, v in batch.items() if k != "key"} == {
+    assert {k: tuple(v.shape) for k, v in batch.items() if k not in ("key", "skipped")} == {
+        "index": (3,),
         "weak": (3, 3, 40, 40),
         "strong": (3, 3, 40, 40),
         "illum": (3, 3, 40, 40),
@@ -152,7 +156,7 @@ def test_resumed_stream_equals_the_uninterrupted_one(shards, num_workers):
 
 
 def test_too_few_samples_for_the_readers_is_a_clear_error(shards):
-    with pytest.raises(UserError, match="fewer than world_size"):
+    with pytest.raises(UserError, match="too few for world_size"):
         take(labeled_loader(shards, batch_size=1, crop_size=32, rank=6, world_size=7), 1)
 
 
@@ -161,3 +165,102 @@ def test_pipe_location_reads_manifest_and_shards(shards):
     manifest = Manifest.open(location)
     assert manifest.url(manifest.shards[0]) == f"pipe:cat {shards}/{manifest.shards[0].name}"
     assert len(keys_seen(eval_loader(location, "val"))) == manifest.num_samples("val")
+
+
+# -- ownership: a rank streams the same samples in every epoch ------------------------------------------
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("world_size", [2, 3, 8])  # 3 unlabeled shards: shard split (2, 3) and stride (8)
+def test_each_sample_has_one_owner_rank_in_every_epoch(shards, world_size, num_workers):
+    manifest = Manifest.open(shards)
+    records = [r for r in manifest.data["samples"] if r["split"] == "unlabeled"]
+    assert len(manifest.shards_of("unlabeled")) == 3
+    streamed: dict[str, set[int]] = {}
+    for rank in range(world_size):
+        if world_size == 8 and rank >= len(records):
+            continue  # 3 samples: ranks 3..7 own nothing
+        loader = unlabeled_loader(
+            shards,
+            1,
+            16,
+            seed=5,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers if (world_size, rank) == (2, 0) else 0,
+        )
+        for batch in take(loader, 3 * len(records)):  # several epochs of any rank's share
+            owner = streams.owner_ranks(manifest.shards_of("unlabeled"), world_size, batch["index"])
+            assert owner.tolist() == [rank]
+            streamed.setdefault(batch["key"][0], set()).add(rank)
+    # Every sample is streamed, each by exactly one rank; its split index is its manifest position.
+    assert sorted(streamed) == sorted(r["key"] for r in records)
+    assert all(len(ranks) == 1 for ranks in streamed.values())
+    by_index = [r["key"] for r in records]  # manifest order == split index order
+    ranks_by_index = [next(iter(streamed[key])) for key in by_index]
+    expected = streams.owner_ranks(manifest.shards_of("unlabeled"), world_size, torch.arange(len(by_index)))
+    assert ranks_by_index == expected.tolist()
+
+
+def test_owner_ranks_by_shard_and_by_stride():
+    entries = [
+        streams.ShardEntry(f"u-{i}", "unlabeled", "", samples=n, bytes=0, sha256="", has_high=False)
+        for i, n in enumerate([3, 2, 4])
+    ]
+    # 3 shards, 2 ranks: shards 0 and 2 -> rank 0, shard 1 -> rank 1 (indices 0-2 | 3-4 | 5-8)
+    assert streams.owner_ranks(entries, 2, torch.arange(9)).tolist() == [0, 0, 0, 1, 1, 0, 0, 0, 0]
+    # 4 ranks > 3 shards: sample index mod 4
+    assert streams.owner_ranks(entries, 4, torch.arange(9)).tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0]
+
+
+# -- damaged shards met mid-stream ------------------------------------------------------------------------
+
+
+def damaged_copy(shards: Path, out: Path, damage) -> tuple[Path, str]:
+    """A copy of `shards` whose first unlabeled shard is passed to `damage(path)`; returns (copy, shard)."""
+    shutil.copytree(shards, out)
+    name = Manifest.open(out).shards_of("unlabeled")[0].name
+    damage(out / name)
+    return out, name
+
+
+def corrupt_first_png(path: Path) -> None:
+    with tarfile.open(path) as archive:
+        members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
+    with tarfile.open(path, "w") as archive:
+        for member, data in members:
+            if member.name.endswith("low.png"):
+                data = b"not a png" * 10
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+
+
+def test_an_undecodable_sample_is_named_or_skipped_and_counted(shards, tmp_path):
+    broken, shard = damaged_copy(shards, tmp_path / "broken", corrupt_first_png)
+    key = Manifest.open(broken).data["samples"]
+    bad_key = next(r["key"] for r in key if r["split"] == "unlabeled")  # the first shard holds one sample
+    with pytest.raises(UserError, match=rf"sample '{bad_key}' of shard .*{shard}.*skip_bad_samples"):
+        take(unlabeled_loader(broken, 1, 16, seed=2), 4)
+
+    batches = take(unlabeled_loader(broken, 1, 16, seed=2, skip_bad=True), 6)  # 3 epochs of 2 good samples
+    reported = [name for b in batches for name in b["skipped"]]
+    assert reported and set(reported) == {f"{shard}/{bad_key}"}
+    assert bad_key not in {k for b in batches for k in b["key"]}
+    # Resuming with the reported names continues exactly where the uninterrupted stream was.
+    resumed = take(
+        unlabeled_loader(broken, 1, 16, seed=2, skip_bad=True, start_batch=3, known_bad=frozenset(reported)),
+        3,
+    )
+    assert [b["key"] for b in resumed] == [b["key"] for b in batches[3:]]
+    assert all(torch.equal(a["strong"], b["strong"]) for a, b in zip(resumed, batches[3:], strict=True))
+
+
+def test_a_truncated_shard_is_named_or_skipped(shards, tmp_path):
+    def truncate(path: Path) -> None:
+        path.write_bytes(path.read_bytes()[:700])  # inside the first member
+
+    broken, shard = damaged_copy(shards, tmp_path / "truncated", truncate)
+    with pytest.raises(UserError, match=rf"shard .*{shard}.*truncated"):
+        take(unlabeled_loader(broken, 1, 16, seed=2), 4)
+    batches = take(unlabeled_loader(broken, 1, 16, seed=2, skip_bad=True), 4)
+    assert {name for b in batches for name in b["skipped"]} == {f"{shard}/*"}

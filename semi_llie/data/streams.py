@@ -1,22 +1,27 @@
 """Streaming pipelines over the shards: labeled, unlabeled (infinite, resumable) and eval (finite, in order).
 
-Who reads what. The G = world_size × num_workers readers (rank r, DataLoader worker w, global index
-g = r·num_workers + w) split a split's shards: reader g takes shards g, g+G, g+2G, ... When there are fewer
-shards than readers, every reader reads all shards and keeps samples g, g+G, ... instead (correct, more
-I/O; rebuild with a smaller --max-count for speed). Either way the readers' samples are disjoint and cover
-the split once: the eval stream relies on this.
+Who reads what, in two levels.
+1. Ranks own samples for the whole run (`rank_assignment`, `owner_ranks`): with at least as many shards as
+   ranks, rank r owns shards r, r+W, r+2W, ... (manifest order); with fewer, every rank reads all shards and
+   owns the samples whose split index (position in manifest order) is r mod W. Ownership never changes
+   between epochs, so a reliable-bank entry is only ever written by one rank (semi_llie.bank).
+2. A rank's DataLoader workers split its shards per epoch: the rank's shards are permuted by rng(seed, e),
+   then worker w takes shards w, w+N, ... (N workers), or, with fewer shards than workers, every N-th of the
+   rank's samples. Each worker shuffles its samples with a buffer seeded by (seed, rank, worker, e) and
+   augments sample number i with a generator seeded by (seed, rank, worker, i).
+Either way the readers' samples are disjoint and cover the split once: the eval stream relies on this.
 
-Training streams (infinite). Epoch e: the shards are permuted by rng(seed, e), identical on every reader,
-then split as above; each reader shuffles its samples with a buffer seeded by (seed, rank, worker, e) and
-augments sample number i with a generator seeded by (seed, rank, worker, i). Each reader yields whole
-batches; the DataLoader takes batch b from worker b % num_workers, so "the trainer consumed B batches"
-tells every worker how many of its samples were used. Resuming skips them: whole epochs by the counts in
-the manifest without reading anything, the rest by reading tar bytes without decoding.
+Each reader yields whole batches; the DataLoader takes batch b from worker b % num_workers, so "the
+trainer consumed B batches" tells every worker how many of its samples were used. Resuming skips them:
+whole epochs by the counts in the manifest without reading anything, the rest by reading tar bytes without
+decoding. Samples skipped as unreadable (`skip_bad`) are reported with the batch that follows them
+(`batch["skipped"]`); the trainer hands their keys back on resume so the count stays exact.
 """
 
 from __future__ import annotations
 
 import os
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -70,29 +75,111 @@ def current_reader(rank: int, world_size: int, first_batch: int = 0) -> Reader:
 
 @dataclass(frozen=True)
 class Assignment:
-    """The shards a reader opens and which of their samples (in reading order) it keeps."""
+    """The shards a reader opens, in order, and which of their samples it keeps.
 
-    shards: list[ShardEntry]
-    stride: int
-    offset: int
+    A sample is kept when its split index (position in the split, manifest order) is `rank_offset` mod
+    `rank_stride` (the rank owns it), and then when its rank-local count is `worker_offset` mod
+    `worker_stride` (this worker reads it).
+    """
+
+    shards: list[tuple[ShardEntry, int]]  # each shard with the split index of its first sample
+    rank_stride: int = 1
+    rank_offset: int = 0
+    worker_stride: int = 1
+    worker_offset: int = 0
 
     @property
     def num_samples(self) -> int:
-        return len(range(self.offset, sum(s.samples for s in self.shards), self.stride))
+        owned = sum(
+            len(
+                range(
+                    _first_at_or_after(first, self.rank_stride, self.rank_offset),
+                    first + shard.samples,
+                    self.rank_stride,
+                )
+            )
+            for shard, first in self.shards
+        )
+        return len(range(self.worker_offset, owned, self.worker_stride))
 
 
-def assign(shards: list[ShardEntry], reader: Reader) -> Assignment:
-    if len(shards) >= reader.count:
-        return Assignment(shards[reader.index :: reader.count], 1, 0)
-    return Assignment(shards, reader.count, reader.index)
+def _first_at_or_after(start: int, stride: int, offset: int) -> int:
+    return start + (offset - start) % stride
 
 
-def read_samples(manifest: Manifest, assignment: Assignment) -> Iterator[RawSample]:
-    """Raw (undecoded) samples of an assignment, in shard order."""
-    sources = [{"url": manifest.url(shard)} for shard in assignment.shards]
-    for position, sample in enumerate(tarfile_samples(sources)):
-        if position % assignment.stride == assignment.offset:
-            yield sample
+def indexed_shards(shards: list[ShardEntry]) -> list[tuple[ShardEntry, int]]:
+    """Each shard with the split index of its first sample (shards in manifest order)."""
+    firsts = np.cumsum([0] + [shard.samples for shard in shards[:-1]])
+    return [(shard, int(first)) for shard, first in zip(shards, firsts, strict=True)]
+
+
+def rank_assignment(shards: list[ShardEntry], rank: int, world_size: int) -> Assignment:
+    """The samples `rank` owns for the whole run (level 1 of the module docstring)."""
+    indexed = indexed_shards(shards)
+    if len(shards) >= world_size:
+        return Assignment(indexed[rank::world_size])
+    return Assignment(indexed, rank_stride=world_size, rank_offset=rank)
+
+
+def owner_ranks(shards: list[ShardEntry], world_size: int, indices: Tensor) -> Tensor:
+    """The rank that owns each split index (int64 tensor in, int64 tensor out), as `rank_assignment` deals."""
+    if len(shards) < world_size:
+        return indices % world_size
+    firsts = torch.tensor([first for _, first in indexed_shards(shards)], dtype=torch.int64)
+    shard_positions = torch.searchsorted(firsts, indices, right=True) - 1
+    return shard_positions % world_size
+
+
+def assign(shards: list[ShardEntry], reader: Reader, epoch: int | None = None, seed: int = 0) -> Assignment:
+    """The reader's share: its rank's samples, then (permuted per `epoch` if given) its worker's."""
+    owned = rank_assignment(shards, reader.rank, reader.world_size)
+    mine = list(owned.shards)
+    if epoch is not None:
+        mine = [mine[i] for i in np.random.default_rng([seed, epoch]).permutation(len(mine))]
+    if len(mine) >= reader.num_workers:
+        return Assignment(mine[reader.worker :: reader.num_workers], owned.rank_stride, owned.rank_offset)
+    return Assignment(mine, owned.rank_stride, owned.rank_offset, reader.num_workers, reader.worker)
+
+
+class ShardReadError(UserError):
+    """A shard could not be read past some point (truncated or corrupt tar)."""
+
+
+def read_samples(
+    manifest: Manifest,
+    assignment: Assignment,
+    on_broken_shard: Callable[[ShardEntry], None] | None = None,
+) -> Iterator[RawSample]:
+    """Raw (undecoded) samples of an assignment, in shard order, with `__index__` (split index) and
+    `__shard__` (shard name) added. A shard that breaks off raises ShardReadError naming it, or, given
+    `on_broken_shard`, is reported to it and the next shard follows."""
+    kept = 0  # samples of this rank seen so far: the worker-level split counts them
+    for shard, first in assignment.shards:
+        position, key = -1, None
+        try:
+            try:
+                for position, sample in enumerate(tarfile_samples([{"url": manifest.url(shard)}])):
+                    index, key = first + position, sample["__key__"]
+                    if index % assignment.rank_stride != assignment.rank_offset:
+                        continue
+                    kept += 1
+                    if (kept - 1) % assignment.worker_stride == assignment.worker_offset:
+                        yield {**sample, "__index__": index, "__shard__": shard.name}
+            except (OSError, EOFError, ValueError, tarfile.TarError) as error:
+                after = f"after sample {key!r} (#{position})" if key is not None else "at its first sample"
+                raise ShardReadError(
+                    f"shard {manifest.url(shard)} cannot be read {after} ({error}); it is truncated or "
+                    "corrupt: rebuild it (`semi-llie shards verify` checks every shard's sha256)"
+                ) from error
+            if position + 1 < shard.samples:
+                raise ShardReadError(
+                    f"shard {manifest.url(shard)} ended after {position + 1} of its {shard.samples} samples; "
+                    "it is truncated: rebuild it (`semi-llie shards verify` checks every shard's sha256)"
+                )
+        except ShardReadError:
+            if on_broken_shard is None:
+                raise
+            on_broken_shard(shard)
 
 
 def shuffled(samples: Iterator[RawSample], buffer_size: int, rng: np.random.Generator) -> Iterator[RawSample]:
@@ -172,6 +259,10 @@ class TrainingStream(IterableDataset):
     """Infinite, deterministic, resumable stream of batches of one split (see the module docstring).
 
     `make_sample(raw, generator)` decodes and augments one sample using only `generator`'s randomness.
+    A sample that cannot be decoded, or a shard that breaks off, stops the stream with an error naming the
+    shard and the sample; with `skip_bad` it is skipped instead and reported in the next batch's
+    `"skipped"` list ("shard/key" strings; a broken-off shard as "shard/*"). `known_bad` is what earlier
+    runs reported (the trainer keeps it in its checkpoints): resuming does not count those samples as used.
     """
 
     def __init__(
@@ -186,6 +277,8 @@ class TrainingStream(IterableDataset):
         world_size: int,
         start_batch: int = 0,
         shuffle_buffer: int = 64,
+        skip_bad: bool = False,
+        known_bad: frozenset[str] = frozenset(),
     ) -> None:
         if not manifest.shards_of(split):
             raise UserError(f"{manifest.location} has no {split} shards; rebuild with {split} data")
@@ -193,6 +286,7 @@ class TrainingStream(IterableDataset):
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.start_batch, self.shuffle_buffer = start_batch, shuffle_buffer
+        self.skip_bad, self.known_bad = skip_bad, known_bad
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         reader = current_reader(self.rank, self.world_size, first_batch=self.start_batch)
@@ -200,33 +294,56 @@ class TrainingStream(IterableDataset):
             batches_seen_by_worker(self.start_batch, reader.worker, reader.num_workers) * self.batch_size
         )
         shards = self.manifest.shards_of(self.split)
-        index, epoch, batch = 0, 0, []
+        index, epoch, batch, skipped = 0, 0, [], []
         while True:
-            permutation = np.random.default_rng([self.seed, epoch]).permutation(len(shards))
-            assignment = assign([shards[i] for i in permutation], reader)
+            assignment = assign(shards, reader, epoch=epoch, seed=self.seed)
             if assignment.num_samples == 0:
                 raise UserError(
-                    f"the {self.split} split has {self.manifest.num_samples(self.split)} samples, fewer than "
-                    f"world_size × num_workers = {reader.count}; use fewer workers or more data"
+                    f"the {self.split} split has {self.manifest.num_samples(self.split)} samples, too few "
+                    f"for world_size × num_workers = {reader.count} readers (rank {reader.rank}, worker "
+                    f"{reader.worker} got none); use fewer workers or more data"
                 )
-            if to_skip >= assignment.num_samples:  # a whole epoch already consumed: skip without reading
+            if to_skip >= assignment.num_samples and not self.known_bad:
+                # A whole epoch already consumed: skip it without reading (known bad samples make the
+                # epoch's usable count smaller than the manifest's, so then the epoch is read below).
                 to_skip -= assignment.num_samples
                 index += assignment.num_samples
                 epoch += 1
                 continue
             order_rng = np.random.default_rng([self.seed, reader.rank, reader.worker, epoch])
-            for raw in shuffled(read_samples(self.manifest, assignment), self.shuffle_buffer, order_rng):
+            for raw in shuffled(self._raw_samples(assignment, skipped), self.shuffle_buffer, order_rng):
+                name = f"{raw['__shard__']}/{raw['__key__']}"
                 if to_skip:  # consumed before the resume: skip without decoding
-                    to_skip -= 1
+                    to_skip -= name not in self.known_bad  # a known bad sample was never in a batch
                     index += 1
                     continue
                 generator = torch.Generator().manual_seed(_sample_seed(self.seed, reader, index))
-                batch.append(self.make_sample(raw, generator))
                 index += 1
+                try:
+                    sample = self.make_sample(raw, generator)
+                except Exception as error:  # noqa: BLE001 - any decoding failure is named or counted
+                    if not self.skip_bad:
+                        raise UserError(
+                            f"sample {raw['__key__']!r} of shard {raw['__url__']} "
+                            f"cannot be decoded ({type(error).__name__}: {error}); rebuild the shard, or set "
+                            "data.skip_bad_samples=true to skip such samples (they are counted and logged)"
+                        ) from error
+                    skipped.append(name)
+                    continue
+                batch.append({**sample, "index": torch.tensor(raw["__index__"])})
                 if len(batch) == self.batch_size:
-                    yield collate(batch)
-                    batch = []
+                    yield {**collate(batch), "skipped": skipped}
+                    batch, skipped = [], []
             epoch += 1
+
+    def _raw_samples(self, assignment: Assignment, skipped: list[str]) -> Iterator[RawSample]:
+        """`read_samples`; with `skip_bad`, a shard that breaks off ends early and is reported once."""
+
+        def report(shard: ShardEntry) -> None:
+            if f"{shard.name}/*" not in self.known_bad:
+                skipped.append(f"{shard.name}/*")
+
+        return read_samples(self.manifest, assignment, report if self.skip_bad else None)
 
 
 class EvalStream(IterableDataset):
@@ -279,9 +396,12 @@ def labeled_loader(
     num_workers: int = 0,
     start_batch: int = 0,
     shuffle_buffer: int = 64,
+    skip_bad: bool = False,
+    known_bad: frozenset[str] = frozenset(),
     cache_decoded: bool = False,
 ) -> DataLoader:
-    """Infinite loader of labeled batches `{"key": [str], "low", "high", "illum": B×3×crop×crop}`.
+    """Infinite loader of labeled batches `{"key": [str], "index": B, "low", "high", "illum": B×3×crop×crop,
+    "skipped": [str]}`.
 
     `start_batch` = batches this rank already consumed (from the checkpoint); the loader continues there.
     `cache_decoded` keeps the decoded pairs in memory after their first use (see `LabeledSample`).
@@ -296,6 +416,8 @@ def labeled_loader(
         world_size=world_size,
         start_batch=start_batch,
         shuffle_buffer=shuffle_buffer,
+        skip_bad=skip_bad,
+        known_bad=known_bad,
     )
     return _loader(stream, num_workers)
 
@@ -311,8 +433,11 @@ def unlabeled_loader(
     num_workers: int = 0,
     start_batch: int = 0,
     shuffle_buffer: int = 64,
+    skip_bad: bool = False,
+    known_bad: frozenset[str] = frozenset(),
 ) -> DataLoader:
-    """Infinite loader of unlabeled batches `{"key": [str], "weak", "strong", "illum": B×3×S×S}`."""
+    """Infinite loader of unlabeled batches `{"key": [str], "index": B, "weak", "strong", "illum": B×3×S×S,
+    "skipped": [str]}`; "index" is each sample's split index, which decides its owner rank."""
     stream = TrainingStream(
         open_location(location),
         "unlabeled",
@@ -323,6 +448,8 @@ def unlabeled_loader(
         world_size=world_size,
         start_batch=start_batch,
         shuffle_buffer=shuffle_buffer,
+        skip_bad=skip_bad,
+        known_bad=known_bad,
     )
     return _loader(stream, num_workers)
 
