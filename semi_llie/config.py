@@ -7,15 +7,23 @@ silently ignored setting. Blocks that are built by a registry (`model`, the loss
 extractor) are free mappings here; the registry rejects their unknown keys when the trainer builds them,
 before the first step. Loss slot names are checked here.
 
-Units: every schedule length is in optimizer steps (one step = `gradient_accumulation_steps` micro-batches on
-every rank), except the unsupervised ramp (`losses.unsup_weight.unit`), which may count epochs of the labeled
-set: one epoch = ceil(labeled samples / (batch_size_labeled × processes × gradient_accumulation_steps)) steps.
+Units: schedule lengths (`train.max_steps`, `validate_every`, `checkpoint_every`, `optim.milestones`) are
+optimizer steps when given as integers (one step = `gradient_accumulation_steps` micro-batches on every rank),
+or epochs when given as "N epochs" (N may be fractional), so a recipe keeps its length on any number of GPUs.
+One epoch is one pass over the unlabeled split, as in the official trainer (it iterates over its unlabeled
+loader and cycles the labeled one), or over the labeled split when no unlabeled batches are drawn:
+ceil(samples / (batch size × processes × gradient_accumulation_steps)) steps (`epoch_steps`). The trainer
+converts epochs to steps at start (`Schedule.resolve`) and logs the result. The unsupervised ramp
+(`losses.unsup_weight.unit`) counts the same epochs.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +37,36 @@ class Block(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_EPOCHS = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*epochs?\s*$")
+Length = int | str  # optimizer steps, or "N epochs"
+
+
+def check_length(value: Length) -> Length:
+    """Validate a schedule length: an integer >= 1 (steps) or "N epochs" with N > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{value!r} is not a number of steps or 'N epochs'")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"{value} steps: a length must be at least 1 step")
+        return value
+    match = _EPOCHS.match(value)
+    if match is None or float(match[1]) <= 0:
+        raise ValueError(f"{value!r} is neither a number of steps nor 'N epochs' (e.g. 200 or '10 epochs')")
+    return value
+
+
+def to_steps(value: Length, steps_per_epoch: int) -> int:
+    """A schedule length in optimizer steps: epochs are rounded up to whole steps (at least 1)."""
+    if isinstance(value, int):
+        return value
+    return max(1, math.ceil(float(_EPOCHS.match(value)[1]) * steps_per_epoch - 1e-9))
+
+
+def epoch_steps(samples: int, batch_size: int, world_size: int, accumulation: int) -> int:
+    """Optimizer steps in one pass over `samples` with `batch_size` per process (the last one partial)."""
+    return max(1, math.ceil(samples / (batch_size * world_size * accumulation)))
+
+
 class DataConfig(Block):
     shards: str  # shard location: folder, manifest path, URL or `pipe:` command (semi_llie.data.manifest)
     batch_size_labeled: int = Field(8, ge=1)  # per process
@@ -40,6 +78,9 @@ class DataConfig(Block):
     unlabeled_size: int = Field(256, ge=8)  # weak/strong views are resized to this square size
     num_workers: int = Field(2, ge=0)
     seed: int = 2022
+    # An undecodable sample or a truncated shard stops training with an error naming it (false), or is
+    # skipped, counted and logged as train/skipped_samples (true).
+    skip_bad_samples: bool = False
 
 
 class BankConfig(Block):
@@ -60,32 +101,37 @@ class OptimConfig(Block):
     weight_decay: float = Field(1e-4, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
-    milestones: list[int] = Field(default_factory=list)  # optimizer steps where lr *= gamma
+    milestones: list[Length] = Field(default_factory=list)  # lengths (steps or "N epochs") where lr *= gamma
     gamma: float = Field(0.1, gt=0)
     grad_clip: float | None = Field(None, gt=0)  # max global L2 norm; None = no clipping
 
     @field_validator("milestones")
     @classmethod
-    def _increasing(cls, milestones: list[int]) -> list[int]:
-        if any(b <= a for a, b in zip(milestones, milestones[1:], strict=False)) or any(
-            m < 1 for m in milestones
-        ):
-            raise ValueError("milestones must be positive and strictly increasing (optimizer steps)")
+    def _lengths(cls, milestones: list[Length]) -> list[Length]:
+        milestones = [check_length(m) for m in milestones]
+        steps = [m for m in milestones if isinstance(m, int)]
+        if len(steps) == len(milestones) and any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+            raise ValueError("milestones must be strictly increasing")
         return milestones
 
 
 class TrainConfig(Block):
     output_dir: str = "runs/semi-llie"
-    max_steps: int = Field(ge=1)  # optimizer steps
+    max_steps: Length  # optimizer steps, or "N epochs"
     gradient_accumulation_steps: int = Field(1, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    validate_every: int = Field(500, ge=1)  # optimizer steps; also at the last step
+    validate_every: Length = 500  # steps or "N epochs"; also at the last step
     val_max_samples: int | None = Field(None, ge=1)  # cap the val split (None = all of it)
     val_grid_samples: int = Field(2, ge=0)  # val images shown in the MLflow grid
-    checkpoint_every: int = Field(1000, ge=1)  # optimizer steps; also at the last step
+    checkpoint_every: Length = 1000  # steps or "N epochs"; also at the last step
     checkpoints_total_limit: int | None = Field(3, ge=1)  # keep the newest N step dirs; None = keep all
     max_nonfinite_steps: int = Field(5, ge=1)  # stop after this many non-finite losses in a row
     log_every: int = Field(10, ge=1)  # MLflow train/* metrics every N optimizer steps
+
+    @field_validator("max_steps", "validate_every", "checkpoint_every")
+    @classmethod
+    def _length(cls, value: Length) -> Length:
+        return check_length(value)
 
 
 class TrackingConfig(Block):
@@ -132,8 +178,47 @@ class Config(Block):
                 )
         return losses
 
+    def epoch_length(self, samples: dict[str, int], world_size: int) -> int:
+        """Optimizer steps per epoch (module docstring), from the splits' sample counts."""
+        if self.data.batch_size_unlabeled > 0 and samples.get("unlabeled", 0) > 0:
+            split, batch = "unlabeled", self.data.batch_size_unlabeled
+        else:
+            split, batch = "labeled", self.data.batch_size_labeled
+        return epoch_steps(samples[split], batch, world_size, self.train.gradient_accumulation_steps)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The schedule lengths of a config in optimizer steps, for one world size."""
+
+    steps_per_epoch: int
+    max_steps: int
+    validate_every: int
+    checkpoint_every: int
+    milestones: list[int]
+
+    @classmethod
+    def resolve(cls, cfg: Config, steps_per_epoch: int) -> Schedule:
+        milestones = [to_steps(m, steps_per_epoch) for m in cfg.optim.milestones]
+        if any(b <= a for a, b in zip(milestones, milestones[1:], strict=False)):
+            raise ConfigError(f"optim.milestones must increase; in steps they are {milestones}")
+        return cls(
+            steps_per_epoch=steps_per_epoch,
+            max_steps=to_steps(cfg.train.max_steps, steps_per_epoch),
+            validate_every=to_steps(cfg.train.validate_every, steps_per_epoch),
+            checkpoint_every=to_steps(cfg.train.checkpoint_every, steps_per_epoch),
+            milestones=milestones,
+        )
+
+    def describe(self) -> str:
+        return (
+            f"one epoch = {self.steps_per_epoch} steps; max_steps {self.max_steps}, milestones "
+            f"{self.milestones}, validate every {self.validate_every}, "
+            f"checkpoint every {self.checkpoint_every}"
+        )
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:

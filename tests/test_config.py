@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from semi_llie.config import Config, apply_override, flatten, load_config, validate_config
+from semi_llie.config import Config, Schedule, apply_override, flatten, load_config, to_steps, validate_config
 from semi_llie.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -117,7 +117,52 @@ def test_round_trip_through_yaml_and_flat_params(tmp_path):
     assert flat["optim.betas"] == "[0.8, 0.9]"
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "tiny_test.yaml"])
+@pytest.mark.parametrize("name", ["quickstart.yaml", "tiny_test.yaml", "lol_v1.yaml", "lol_cpu.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, Config)
+    assert Schedule.resolve(cfg, steps_per_epoch=7).max_steps >= 1
+
+
+# -- schedules in epochs --------------------------------------------------------------------------------
+
+
+def test_epoch_lengths_become_steps_for_each_world_size():
+    cfg = validate_config(
+        {
+            **MINIMAL,
+            "data": {"shards": "s", "batch_size_labeled": 8, "batch_size_unlabeled": 8},
+            "optim": {"milestones": ["100 epochs", "150 epochs"]},
+            "train": {"max_steps": "200 epochs", "validate_every": "10 epochs", "checkpoint_every": 5},
+        }
+    )
+    samples = {"labeled": 485, "unlabeled": 1000}
+    # One epoch = one pass over the unlabeled split (the official trainer): ceil(1000 / 8) = 125 steps.
+    one = Schedule.resolve(cfg, cfg.epoch_length(samples, world_size=1))
+    assert (one.steps_per_epoch, one.max_steps, one.milestones) == (125, 25000, [12500, 18750])
+    assert (one.validate_every, one.checkpoint_every) == (1250, 5)  # integers stay steps
+    # Eight processes read 8x the images per step: the same epochs in an eighth of the steps.
+    eight = Schedule.resolve(cfg, cfg.epoch_length(samples, world_size=8))
+    assert (eight.steps_per_epoch, eight.max_steps, eight.milestones) == (16, 3200, [1600, 2400])
+    # Without unlabeled batches an epoch is a pass over the labeled pairs: ceil(485 / 8) = 61 steps;
+    # fractional epochs round up to whole steps.
+    labeled_only = cfg.epoch_length({"labeled": 485}, world_size=1)
+    assert labeled_only == 61 and to_steps("0.5 epochs", labeled_only) == 31
+
+
+@pytest.mark.parametrize("value", ["10 epoch", "10epochs", " 2.5 epochs", ".5 epochs", 3])
+def test_schedule_lengths_accept_steps_and_epochs(value):
+    assert validate_config({**MINIMAL, "train": {"max_steps": value}}).train.max_steps == value
+
+
+@pytest.mark.parametrize("value", ["10 steps", "0 epochs", "-1 epochs", 0, "ten epochs", 2.5])
+def test_bad_schedule_lengths_are_named(value):
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        validate_config({**MINIMAL, "train": {"max_steps": value}})
+
+
+def test_milestones_in_epochs_must_increase_once_converted():
+    cfg = validate_config({**MINIMAL, "optim": {"milestones": ["2 epochs", 10]}})
+    assert Schedule.resolve(cfg, steps_per_epoch=3).milestones == [6, 10]
+    with pytest.raises(ConfigError, match=r"must increase; in steps they are \[12, 10\]"):
+        Schedule.resolve(cfg, steps_per_epoch=6)
