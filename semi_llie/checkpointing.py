@@ -3,23 +3,28 @@
     OUTPUT_DIR/checkpoints/step-N/
         config.yaml            the run config (a step dir is self-contained)
         student.pt, teacher.pt plain state_dicts of the unwrapped model (torch.load(..., weights_only=True))
-        trainer_state.json     step, stream positions, best score, non-finite counters, bank marker
+        trainer_state.json     step, stream positions, best score, non-finite counters, skipped samples
+        bank.json              the reliable bank after step N: segments under checkpoints/bank/ (bank_store)
         accelerate/            optimizer, scheduler, GradScaler, per-rank RNG states (accelerator.save_state)
+    OUTPUT_DIR/checkpoints/bank/    immutable bank segments, shared by the checkpoints that reference them
     OUTPUT_DIR/checkpoints/latest   text file naming the newest complete step dir, written last
 
 A step dir is first written as `.tmp-step-N` by every rank (accelerate writes one RNG file per rank, DeepSpeed
 one optimizer shard per rank), then rank 0 adds the model files, fsyncs the tree and renames it: a reader
 never sees a half-written `step-N`, and `latest` only ever names complete ones. The output folder must be on
-a file system every rank sees (as on any SLURM cluster).
+a file system every rank sees (as on any SLURM cluster); nothing else is shared between ranks on disk.
+`SEMI_LLIE_TEST_SAVE_DELAY` (seconds, tests only) sleeps before the rename, so a test can kill a save.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,11 @@ import yaml
 from accelerate import Accelerator
 from torch import nn
 
+from semi_llie import bank_store
+from semi_llie.bank import ReliableBank
 from semi_llie.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -49,14 +58,18 @@ class TrainerState:
     best_step: int | None = None
     nonfinite_total: int = 0
     nonfinite_in_a_row: int = 0
-    bank_marker: dict[str, Any] | None = None  # semi_llie.bank's consistency marker at this step
+    # Unreadable samples skipped so far ("shard/key", "shard/*" for a shard that broke off), per stream.
+    skipped_samples: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> TrainerState:
-        return cls(**json.loads(text))
+        data = json.loads(text)
+        if data.pop("bank_marker", None) is not None:  # written before the bank was checkpointed
+            logger.warning("this checkpoint predates checkpointed banks: the reliable bank starts empty")
+        return cls(**data)
 
 
 def checkpoints_root(output_dir: str | Path) -> Path:
@@ -123,8 +136,12 @@ def save_checkpoint(
     teacher: nn.Module,
     config_yaml: str,
     total_limit: int | None,
+    bank: ReliableBank | None = None,
 ) -> Path:
-    """Write `step-{state.step}` atomically on all ranks (a collective call), point `latest` at it, rotate."""
+    """Write `step-{state.step}` atomically on all ranks (a collective call), point `latest` at it, rotate.
+
+    With a `bank`, every rank writes its bank changes and the step dir references the bank after this step.
+    """
     root = checkpoints_root(output_dir)
     final = root / f"step-{state.step}"
     staging = root / f".tmp-step-{state.step}"
@@ -134,6 +151,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging / "accelerate"))  # every rank writes its RNG state (+ DS shards)
     student_state = accelerator.get_state_dict(student)  # collective under DeepSpeed ZeRO-3
+    if bank is not None:
+        bank_store.save(accelerator, bank, root, state.step, staging)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save(_cpu(student_state), staging / "student.pt")
@@ -141,6 +160,9 @@ def save_checkpoint(
         (staging / STATE_FILE).write_text(state.to_json())
         (staging / "config.yaml").write_text(config_yaml)
         _fsync_tree(staging)
+        if (root / bank_store.SEGMENTS).is_dir():
+            _fsync_dir(root / bank_store.SEGMENTS)
+        time.sleep(float(os.environ.get("SEMI_LLIE_TEST_SAVE_DELAY", "0")))
         shutil.rmtree(final, ignore_errors=True)  # a previous attempt at this step (resumed before it)
         os.replace(staging, final)
         _fsync_dir(root)
@@ -150,29 +172,43 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, step_dir: Path, teacher: nn.Module) -> TrainerState:
-    """Restore student/optimizer/scheduler/RNG (prepared objects) and the teacher; return the loop state."""
+def load_checkpoint(
+    accelerator: Accelerator,
+    step_dir: Path,
+    teacher: nn.Module,
+    bank: ReliableBank | None = None,
+    owns: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> TrainerState:
+    """Restore student/optimizer/scheduler/RNG (prepared objects), the teacher and this rank's part of the
+    bank (`owns(split indices)` -> mask of this rank's samples); return the loop state."""
     accelerator.load_state(str(step_dir / "accelerate"))
     teacher.load_state_dict(torch.load(step_dir / "teacher.pt", map_location="cpu", weights_only=True))
+    if bank is not None:
+        assert owns is not None, "loading a bank needs the ownership of the current world size"
+        bank_store.load(bank, step_dir, accelerator.num_processes, owns)
     return TrainerState.from_json((step_dir / STATE_FILE).read_text())
 
 
 def rotate(output_dir: str | Path, total_limit: int | None) -> list[Path]:
-    """Delete the oldest step dirs beyond `total_limit`, never the one `latest` names; return the deleted."""
-    if total_limit is None:
-        return []
-    keep = latest_checkpoint(output_dir)
-    dirs = [d for d in step_dirs(output_dir) if d != keep]
-    doomed = dirs[: max(0, len(dirs) + 1 - total_limit)]
-    for path in doomed:
-        shutil.rmtree(path)
+    """Delete the oldest step dirs beyond `total_limit`, never the one `latest` names, then the bank
+    segments no remaining step dir references; return the deleted step dirs."""
+    doomed: list[Path] = []
+    if total_limit is not None:
+        keep = latest_checkpoint(output_dir)
+        dirs = [d for d in step_dirs(output_dir) if d != keep]
+        doomed = dirs[: max(0, len(dirs) + 1 - total_limit)]
+        for path in doomed:
+            shutil.rmtree(path)
+    bank_store.collect_garbage(checkpoints_root(output_dir), step_dirs(output_dir))
     return doomed
 
 
 def remove_stale_staging(output_dir: str | Path) -> None:
-    """Drop `.tmp-step-*` dirs left by a run killed while saving (they were never complete)."""
+    """Drop what a run killed while saving left: `.tmp-step-*` dirs (never complete) and bank segments
+    that no complete checkpoint references."""
     for path in checkpoints_root(output_dir).glob(".tmp-step-*"):
         shutil.rmtree(path, ignore_errors=True)
+    bank_store.collect_garbage(checkpoints_root(output_dir), step_dirs(output_dir))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

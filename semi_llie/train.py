@@ -15,21 +15,20 @@ import argparse
 import copy
 import json
 import logging
-import math
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from semi_llie import checkpointing
 from semi_llie.bank import ReliableBank
-from semi_llie.config import flatten, load_config
+from semi_llie.config import Schedule, flatten, load_config
 from semi_llie.data.manifest import Manifest
-from semi_llie.data.streams import eval_loader, labeled_loader, unlabeled_loader
+from semi_llie.data.streams import eval_loader, labeled_loader, owner_ranks, unlabeled_loader
 from semi_llie.distributed import (
     PREEMPTED_EXIT_CODE,
     PreemptionSignal,
@@ -52,6 +51,15 @@ from semi_llie.tracking import Tracker, git_commit, manifest_sha256
 from semi_llie.validation import validate
 
 logger = logging.getLogger(__name__)
+
+
+def gather_skipped(skipped: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Every rank's skipped samples, merged per stream (a collective call)."""
+    merged: dict[str, set[str]] = {}
+    for per_rank in gather_object([skipped]):
+        for stream, names in per_rank.items():
+            merged.setdefault(stream, set()).update(names)
+    return {stream: sorted(names) for stream, names in merged.items()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,8 +98,7 @@ def main(args: argparse.Namespace) -> int:
         )
     if accelerator.is_main_process:
         if args.overwrite:
-            shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
-            shutil.rmtree(output_dir / "bank", ignore_errors=True)
+            shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)  # the bank's segments too
             (output_dir / "run.json").unlink(missing_ok=True)
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpointing.remove_stale_staging(output_dir)
@@ -108,8 +115,14 @@ def main(args: argparse.Namespace) -> int:
     bank = None
     if use_unlabeled and cfg.bank.enabled:
         scorer = PyiqaScorer(cfg.bank.metric, device=accelerator.device, batch_size=cfg.bank.score_batch_size)
-        bank = ReliableBank(output_dir / "bank", scorer)
+        bank = ReliableBank(scorer, rank=rank)
     metrics = FullReferenceMetrics()
+    # Schedule lengths given in epochs become steps for this world size (config module docstring).
+    samples = {split: manifest.num_samples(split) for split in ("labeled", "unlabeled")}
+    schedule = Schedule.resolve(
+        cfg, cfg.epoch_length(samples if use_unlabeled else {"labeled": samples["labeled"]}, world)
+    )
+    logger.info("schedule for %d process(es): %s", world, schedule.describe())
 
     optimizer = torch.optim.AdamW(
         student.parameters(),
@@ -118,9 +131,7 @@ def main(args: argparse.Namespace) -> int:
         eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
     )
-    lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, cfg.optim.milestones, gamma=cfg.optim.gamma
-    )
+    lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, schedule.milestones, gamma=cfg.optim.gamma)
     configure_deepspeed(accelerator, cfg.data.batch_size_labeled, cfg.optim.grad_clip)
     student, optimizer = accelerator.prepare(student, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
@@ -128,11 +139,21 @@ def main(args: argparse.Namespace) -> int:
 
     state = checkpointing.TrainerState(world_size=world)
     if resume_dir is not None:
-        state = checkpointing.load_checkpoint(accelerator, resume_dir, teacher.model)
+        unlabeled_shards = manifest.shards_of("unlabeled")
+        state = checkpointing.load_checkpoint(
+            accelerator,
+            resume_dir,
+            teacher.model,
+            bank,
+            owns=lambda indices: owner_ranks(unlabeled_shards, world, indices) == rank,
+        )
         teacher.step = state.step
-        logger.info("resumed from %s at step %d", resume_dir, state.step)
-        if bank is not None and state.bank_marker is not None:
-            bank.load_state_dict(state.bank_marker)
+        logger.info(
+            "resumed from %s at step %d%s",
+            resume_dir,
+            state.step,
+            f"; {len(bank)} bank entries on this rank" if bank is not None else "",
+        )
         if state.world_size != world:
             logger.warning(
                 "checkpoint written by %d processes, resuming with %d: data order changes",
@@ -165,6 +186,7 @@ def main(args: argparse.Namespace) -> int:
         world_size=world,
         num_workers=cfg.data.num_workers,
         start_batch=micro_batches,
+        skip_bad=cfg.data.skip_bad_samples,
     )
     labeled_batches = iter(
         labeled_loader(
@@ -172,25 +194,28 @@ def main(args: argparse.Namespace) -> int:
             cfg.data.batch_size_labeled,
             cfg.data.crop_size,
             cache_decoded=cfg.data.cache_labeled,
+            known_bad=frozenset(state.skipped_samples.get("labeled", ())),
             **stream_args,
         )
     )
     unlabeled_batches = (
         iter(
-            unlabeled_loader(manifest, cfg.data.batch_size_unlabeled, cfg.data.unlabeled_size, **stream_args)
+            unlabeled_loader(
+                manifest,
+                cfg.data.batch_size_unlabeled,
+                cfg.data.unlabeled_size,
+                known_bad=frozenset(state.skipped_samples.get("unlabeled", ())),
+                **stream_args,
+            )
         )
         if use_unlabeled
         else None
-    )
-    steps_per_epoch = math.ceil(
-        manifest.num_samples("labeled")
-        / (cfg.data.batch_size_labeled * world * cfg.train.gradient_accumulation_steps)
     )
     images_per_micro_batch = (cfg.data.batch_size_labeled + cfg.data.batch_size_unlabeled) * world
 
     preemption = PreemptionSignal()
     progress = tqdm(
-        total=cfg.train.max_steps,
+        total=schedule.max_steps,
         initial=state.step,
         desc="train",
         disable=not accelerator.is_main_process,
@@ -203,12 +228,17 @@ def main(args: argparse.Namespace) -> int:
     run_started, run_start_step = time.perf_counter(), state.step
     student.train()
 
-    while state.step < cfg.train.max_steps:
+    while state.step < schedule.max_steps:
         labeled = to_device(next(labeled_batches), accelerator.device)
         unlabeled = (
             to_device(next(unlabeled_batches), accelerator.device) if unlabeled_batches is not None else None
         )
         micro_batches += 1
+        for stream, batch in (("labeled", labeled), ("unlabeled", unlabeled)):
+            if batch is not None and batch["skipped"]:
+                known = set(state.skipped_samples.get(stream, ()))
+                state.skipped_samples[stream] = sorted(known | set(batch["skipped"]))
+                logger.warning("skipped unreadable %s samples: %s", stream, ", ".join(batch["skipped"]))
         with accelerator.accumulate(student):
             with accelerator.autocast():
                 # Supervised: the student on the labeled crop, against the ground truth.
@@ -220,15 +250,9 @@ def main(args: argparse.Namespace) -> int:
                     pseudo = teacher(unlabeled["weak"], unlabeled["illum"])[0].float().clamp(0, 1)  # B×3×S×S
                     strong_output, _ = student(unlabeled["strong"], unlabeled["illum"])  # B×3×S×S
                     positive = pseudo
-                    # A non-finite output makes the loss non-finite (the step is skipped): keep it out of
-                    # the bank.
-                    if (
-                        bank is not None
-                        and torch.isfinite(pseudo).all()
-                        and torch.isfinite(strong_output).all()
-                    ):
+                    if bank is not None:
                         bank_update = bank.update(
-                            unlabeled["key"], pseudo, strong_output.detach(), state.step + 1
+                            unlabeled["key"], unlabeled["index"], pseudo, strong_output, state.step + 1
                         )
                         positive = bank_update.positives
                         bank_accepted += bank_update.accepted.sum().item()
@@ -240,7 +264,7 @@ def main(args: argparse.Namespace) -> int:
                     unsup_pred=strong_output,
                     positive=positive,
                     unsup_input=None if unlabeled is None else unlabeled["strong"],
-                    epoch=state.step / steps_per_epoch,
+                    epoch=state.step / schedule.steps_per_epoch,
                     step=state.step,
                 )
             nonfinite, preempted = any_rank(
@@ -289,7 +313,7 @@ def main(args: argparse.Namespace) -> int:
             state.step += 1
             progress.update(1)
         state.stream_positions = {"micro_batches": micro_batches}
-        last_step = state.step >= cfg.train.max_steps
+        last_step = state.step >= schedule.max_steps
 
         if state.step % cfg.train.log_every == 0 or last_step:
             sums = reduce_sums(
@@ -304,6 +328,9 @@ def main(args: argparse.Namespace) -> int:
             logged["train/lr"] = lr_scheduler.get_last_lr()[0]
             logged["train/images_per_s"] = log_images / max(elapsed, 1e-9)
             logged["train/nonfinite_total"] = state.nonfinite_total
+            if cfg.data.skip_bad_samples:
+                state.skipped_samples = gather_skipped(state.skipped_samples)
+                logged["train/skipped_samples"] = sum(map(len, state.skipped_samples.values()))
             tracker.log_metrics(logged, state.step)
             progress.set_postfix(
                 loss=f"{logged.get('train/loss', float('nan')):.4f}",
@@ -312,7 +339,7 @@ def main(args: argparse.Namespace) -> int:
             term_sums, log_started, log_images = {}, time.perf_counter(), 0
             bank_accepted = bank_seen = 0
 
-        if state.step % cfg.train.validate_every == 0 or last_step:
+        if state.step % schedule.validate_every == 0 or last_step:
             checksum = check_ranks_agree(accelerator, teacher.model, "teacher")
             logger.info(
                 "step %d: teacher checksum %016x identical on all %d ranks", state.step, checksum, world
@@ -339,8 +366,8 @@ def main(args: argparse.Namespace) -> int:
                         "new best val/psnr %.3f dB at step %d (model version %s)", score, state.step, version
                     )
 
-        if state.step % cfg.train.checkpoint_every == 0 or last_step or stop_requested:
-            state.bank_marker = bank.state_dict() if bank is not None else None
+        if state.step % schedule.checkpoint_every == 0 or last_step or stop_requested:
+            state.skipped_samples = gather_skipped(state.skipped_samples)  # rank 0 writes the state
             checkpointing.save_checkpoint(
                 accelerator,
                 output_dir,
@@ -349,6 +376,7 @@ def main(args: argparse.Namespace) -> int:
                 teacher.model,
                 config_yaml,
                 cfg.train.checkpoints_total_limit,
+                bank,
             )
         if stop_requested:
             progress.close()
