@@ -324,8 +324,15 @@ def _encoded(samples: list[Sample], config: BuildConfig) -> Iterator[EncodedSamp
         yield from (encode_sample(s, config.crop_size) for s in samples)
         return
     # spawn: worker processes must not inherit the parent's threads or open tar files.
-    with multiprocessing.get_context("spawn").Pool(config.workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(config.workers, initializer=_one_thread) as pool:
         yield from pool.imap(_encode_star, [(s, config.crop_size) for s in samples], chunksize=1)
+
+
+def _one_thread() -> None:
+    """One of `workers` busy processes: no intra-op threads on top of them (no oversubscription)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _encode_star(args: tuple[Sample, int]) -> EncodedSample | SkippableInputError:

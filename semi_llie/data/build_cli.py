@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from semi_llie.data.build import BuildConfig, build_shards
@@ -54,7 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=256,
         help="training crop; smaller images are kept and flagged in the manifest",
     )
-    parser.add_argument("--workers", type=int, default=0, help="processes encoding images in parallel")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="processes encoding images in parallel (default: one per CPU; 0 or 1: in this process)",
+    )
     parser.add_argument(
         "--part",
         type=_part,
