@@ -18,7 +18,7 @@ import subprocess
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from torch import nn
@@ -92,6 +92,7 @@ class Tracker:
         self.uri = resolve_tracking_uri(cfg.tracking_uri)
         self.active = cfg.enabled and is_main_process
         self.run_id: str | None = None
+        self._run_best: str | None = None  # the version this process last registered as the run's best
 
     def start(self, run_id: str | None, params: Mapping[str, str], config_yaml: str) -> str | None:
         """Open (or, with the run id of a resumed run, reopen) the run; return its id (None if inactive)."""
@@ -159,20 +160,36 @@ class Tracker:
             self._guard("log an image", lambda: mlflow.log_image(image, artifact_file=artifact_file))
 
     def log_champion(
-        self, enhancer: nn.Module, example: np.ndarray, step: int, tags: Mapping[str, str]
+        self,
+        enhancer: nn.Module,
+        example: np.ndarray,
+        step: int,
+        tags: Mapping[str, str],
+        scores: Mapping[str, float],
     ) -> str | None:
-        """Log the Enhancer, register it, move the alias to the new version and tag it; return the version.
+        """Log and register this run's new best teacher; move the alias to it only if it has earned it.
 
-        example: 1×3×H×W float32 in [0, 1], used for the signature and as the input example.
+        example: 1×3×H×W float32 in [0, 1], used for the signature and as the input example. scores: the
+        version's val metrics ("psnr", "ssim"), written as tags and into its description. `tags` must hold
+        `dataset_manifest_sha256` and `metric_settings`: the alias moves only when there is no champion
+        yet, or the champion was scored on the same val data with the same settings and the new version's
+        val PSNR is higher. Otherwise the version is only tagged `run_best` (an ablation or a sweep child
+        started later never takes the alias from a better model). Returns the new version.
         """
         if not (self.active and self.cfg.log_model and self.run_id):
             return None
         return self._guard(
-            "log and register the teacher", lambda: self._log_champion(enhancer, example, step, tags)
+            "log and register the teacher",
+            lambda: self._log_champion(enhancer, example, step, tags, scores),
         )
 
     def _log_champion(
-        self, enhancer: nn.Module, example: np.ndarray, step: int, tags: Mapping[str, str]
+        self,
+        enhancer: nn.Module,
+        example: np.ndarray,
+        step: int,
+        tags: Mapping[str, str],
+        scores: Mapping[str, float],
     ) -> str:
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
@@ -192,12 +209,51 @@ class Tracker:
             step=step,
             serialization_format="pickle",  # the whole module, any H×W (pt2 export would fix the shapes)
         )
-        version = str(info.registered_model_version)
+        name, version = self.cfg.registered_model_name, str(info.registered_model_version)
         client = mlflow.MlflowClient()
-        client.set_registered_model_alias(self.cfg.registered_model_name, self.cfg.alias, version)
-        for key, value in {"run_id": self.run_id, "step": str(step), **tags}.items():
-            client.set_model_version_tag(self.cfg.registered_model_name, version, key, str(value))
+        version_tags = {
+            "run_id": self.run_id,
+            "step": str(step),
+            **tags,
+            **{f"val_{metric}": f"{value:.4f}" for metric, value in scores.items()},
+            "run_best": "true",
+        }
+        for key, value in version_tags.items():
+            client.set_model_version_tag(name, version, key, str(value))
+        if self._run_best is not None:  # this run's previous best is no longer its best
+            client.delete_model_version_tag(name, self._run_best, "run_best")
+        self._run_best = version
+        earned, reason = self._earns_alias(client, version_tags)
+        client.update_model_version(
+            name,
+            version,
+            description=f"teacher of run {self.run_id} at step {step}: val PSNR {scores['psnr']:.2f} dB, "
+            f"SSIM {scores['ssim']:.4f} on dataset {tags['dataset_manifest_sha256'][:12]}; {reason}",
+        )
+        if earned:
+            client.set_registered_model_alias(name, self.cfg.alias, version)
+        logger.info("model version %s: %s", version, reason)
         return version
+
+    def _earns_alias(self, client: Any, candidate: Mapping[str, str]) -> tuple[bool, str]:
+        """(whether the candidate version takes the alias, why) against the current alias holder."""
+        name, alias = self.cfg.registered_model_name, self.cfg.alias
+        try:
+            champion = client.get_model_version_by_alias(name, alias)
+        except Exception:  # noqa: BLE001 - MLflow raises a generic error when the alias does not exist
+            return True, f"the first @{alias}"
+        same_data = all(
+            champion.tags.get(key) == candidate[key] for key in ("dataset_manifest_sha256", "metric_settings")
+        )
+        if not same_data:
+            return False, (
+                f"@{alias} (version {champion.version}) was scored on other val data or metric settings, so "
+                "the alias stays; register to another tracking.registered_model_name to compare afresh"
+            )
+        held = float(champion.tags.get("val_psnr", "-inf"))
+        if float(candidate["val_psnr"]) > held:
+            return True, f"@{alias}: beats version {champion.version} ({held:.2f} dB)"
+        return False, f"@{alias} stays on version {champion.version} ({held:.2f} dB), which scores higher"
 
     def end(self, status: str = "FINISHED") -> None:
         if self.active:

@@ -361,7 +361,10 @@ def main(args: argparse.Namespace) -> int:
                 state.best_score, state.best_step = score, state.step
                 if accelerator.is_main_process:
                     enhancer = Enhancer(copy.deepcopy(teacher.model)).to("cpu").eval()  # what users load
-                    version = tracker.log_champion(enhancer, result.example, state.step, champion_tags)
+                    scores = {"psnr": score, "ssim": result.metrics["val/ssim"]}
+                    version = tracker.log_champion(
+                        enhancer, result.example, state.step, champion_tags, scores
+                    )
                     logger.info(
                         "new best val/psnr %.3f dB at step %d (model version %s)", score, state.step, version
                     )

@@ -400,3 +400,36 @@ def test_an_undecodable_sample_mid_training_is_named_or_skipped_and_logged(tmp_p
     )
     assert len(state.skipped_samples["unlabeled"]) == damaged
     assert all(name.startswith(f"{shard}/") for name in state.skipped_samples["unlabeled"])
+
+
+def test_the_champion_alias_goes_to_the_better_version_whatever_the_order(tmp_path):
+    import mlflow
+    from semi_llie.modelio import Enhancer
+    from semi_llie.models import build_model
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    enhancer = Enhancer(build_model({"type": "MambaLowlight", "embed_dim": 4, "depths": [1], "d_state": 2}))
+    example = torch.rand(1, 3, 8, 8).numpy()
+    same = {"dataset_manifest_sha256": "a" * 64, "metric_settings": '{"psnr_eps": 1e-10}'}
+
+    def register(model_name: str, psnr: float, tags=same) -> str:
+        tracker = Tracker(TrackingConfig(tracking_uri=uri, registered_model_name=model_name), True)
+        tracker.start(None, {}, "model: {}\n")
+        version = tracker.log_champion(enhancer, example, 10, tags, {"psnr": psnr, "ssim": 0.5})
+        tracker.end()
+        return version
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    for name, order in (("better-first", (21.0, 19.0)), ("worse-first", (19.0, 21.0))):
+        versions = {psnr: register(name, psnr) for psnr in order}
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert str(champion.version) == versions[21.0], name
+        assert champion.tags["val_psnr"] == "21.0000" and "21.00 dB" in champion.description
+        loser = client.get_model_version(name, versions[19.0])
+        assert loser.tags["run_best"] == "true"  # the best of its own run, visible in the registry
+        if name == "better-first":
+            assert "stays on version" in loser.description
+    # A version scored on other val data never takes the alias, even with a higher PSNR.
+    other = register("worse-first", 30.0, tags={**same, "dataset_manifest_sha256": "b" * 64})
+    assert str(client.get_model_version_by_alias("worse-first", "champion").version) == versions[21.0]
+    assert "other val data" in client.get_model_version("worse-first", other).description
