@@ -46,19 +46,37 @@ def test_gt_mean_psnr_undoes_a_global_brightness_error() -> None:
     torch.testing.assert_close(gt_mean_scaled(gt * 0.5, gt), gt)
 
 
-def test_ssim_on_y_matches_scikit_image() -> None:
+def test_ssim_in_rgb_and_on_y_matches_scikit_image() -> None:
     gt = _gt(1)
     pred = (gt + torch.from_numpy(np.random.default_rng(2).normal(0, 0.05, gt.shape)).float()).clamp(0, 1)
-    ours = FullReferenceMetrics()(pred, gt)["ssim_y"]
+    ours = FullReferenceMetrics()(pred, gt)
+
+    def rgb8(image: torch.Tensor) -> np.ndarray:  # the 8-bit values MATLAB and pyiqa score
+        return np.round(image[0].numpy().transpose(1, 2, 0) * 255)
 
     def luma(image: torch.Tensor) -> np.ndarray:
-        rgb = np.round(image[0].numpy().transpose(1, 2, 0) * 255) / 255
-        return np.round(16 + rgb @ np.array([65.481, 128.553, 24.966]))
+        return np.round(16 + rgb8(image) / 255 @ np.array([65.481, 128.553, 24.966]))
 
-    expected = structural_similarity(
-        luma(pred), luma(gt), data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+    options = dict(data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    assert ours["ssim"] == pytest.approx(
+        structural_similarity(rgb8(pred), rgb8(gt), channel_axis=-1, **options), abs=1e-4
     )
-    assert ours == pytest.approx(expected, abs=2e-3)
+    assert ours["ssim_y"] == pytest.approx(structural_similarity(luma(pred), luma(gt), **options), abs=1e-4)
+
+
+@pytest.mark.parametrize("y_channel", [False, True])
+def test_separable_ssim_equals_pyiqas_two_dimensional_one(y_channel: bool) -> None:
+    from pyiqa.archs.ssim_arch import SSIM
+
+    from semi_llie.metrics import Y_COLOR_SPACE, SeparableSSIM
+
+    generator = torch.Generator().manual_seed(3)
+    gt = torch.rand(2, 3, 70, 90, generator=generator)
+    pred = (0.7 * gt + 0.3 * torch.rand(2, 3, 70, 90, generator=generator)).round_()  # some flat regions
+    pred = (0.5 * pred + 0.5 * gt).clamp(0, 1)
+    reference = SSIM(test_y_channel=y_channel, downsample=False, color_space=Y_COLOR_SPACE, crop_border=2)
+    ours = SeparableSSIM(test_y_channel=y_channel, crop_border=2)
+    torch.testing.assert_close(ours(pred, gt), reference(pred, gt), atol=1e-8, rtol=0)
 
 
 def test_crop_border_ignores_the_border_and_is_recorded() -> None:
