@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ as a folder of scripts
 from scan import measure as measure_scan  # noqa: E402
+from train_step import mean_teacher_step  # noqa: E402
 
 from semi_llie.losses import build_objective  # noqa: E402
 from semi_llie.modelio import Enhancer  # noqa: E402
@@ -83,27 +84,12 @@ def make_step(device: str, batch: int, crop: int, bf16: bool) -> Callable[[int],
     teacher.to(device)
     objective = build_objective(NO_RAM).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=2e-4, weight_decay=1e-4)
-    low, high, weak, strong = (torch.rand(batch, 3, crop, crop, device=device) for _ in range(4))
+    images = tuple(
+        torch.rand(batch, 3, crop, crop, device=device) for _ in range(4)
+    )  # low, high, weak, strong
 
     def step(index: int) -> None:
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            output, output_grad = student(low)
-            pseudo = teacher(weak)[0].float().clamp(0, 1)
-            strong_output, _ = student(strong)
-            loss, _ = objective(
-                pred=output,
-                pred_grad=output_grad,
-                target=high,
-                unsup_pred=strong_output,
-                positive=pseudo,
-                unsup_input=strong,
-                epoch=100.0,
-                step=index,
-            )
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        teacher.update(student, index + 1)
+        mean_teacher_step(student, teacher, objective, optimizer, images, index, bf16)
 
     return step
 

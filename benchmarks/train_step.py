@@ -41,6 +41,30 @@ SETUPS = {
 }
 
 
+def mean_teacher_step(student, teacher, objective, optimizer, images, index: int, bf16: bool = False) -> None:
+    """One step as the trainer runs it: student on the labeled crop and the strong view, teacher on the weak
+    view, the objective, backward, AdamW, EMA. images: (low, high, weak, strong), each B×3×S×S."""
+    low, high, weak, strong = images
+    with torch.autocast(low.device.type, dtype=torch.bfloat16, enabled=bf16):
+        output, output_grad = student(low)
+        pseudo = teacher(weak)[0].float().clamp(0, 1)
+        strong_output, _ = student(strong)
+        loss, _ = objective(
+            pred=output,
+            pred_grad=output_grad,
+            target=high,
+            unsup_pred=strong_output,
+            positive=pseudo,
+            unsup_input=strong,
+            epoch=100.0,
+            step=index,
+        )
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    teacher.update(student, index + 1)
+
+
 def run_steps(
     rank: int,
     world: int,
@@ -67,23 +91,7 @@ def run_steps(
     low, high, weak, strong = (torch.rand(batch, 3, crop, crop) for _ in range(4))  # B×3×crop×crop
 
     def step(index: int) -> None:
-        output, output_grad = student(low)
-        pseudo = teacher(weak)[0].clamp(0, 1)
-        strong_output, _ = student(strong)
-        loss, _ = objective(
-            pred=output,
-            pred_grad=output_grad,
-            target=high,
-            unsup_pred=strong_output,
-            positive=pseudo,
-            unsup_input=strong,
-            epoch=100.0,
-            step=index,
-        )
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        teacher.update(student, index + 1)
+        mean_teacher_step(student, teacher, objective, optimizer, (low, high, weak, strong), index)
 
     step(0)  # warm-up: allocator, DDP buckets
     if world > 1:
