@@ -17,8 +17,8 @@ from semi_llie.data.problems import SkippableInputError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
-# PNG settings fixed so the same pixels always give the same bytes (byte-identical rebuilds). zlib level 3
-# encodes a 600x400 LOL image about 3x faster than level 6 for about 10 % more bytes (benchmarks/shards.py).
+# PNG settings fixed so the same pixels always give the same bytes (byte-identical rebuilds). zlib level 3:
+# encoding is most of a shard build's cost, and level 6 buys only about 10 % smaller files for it.
 PNG_COMPRESS_LEVEL = 3
 
 
