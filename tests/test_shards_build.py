@@ -332,10 +332,19 @@ def test_the_fast_illumination_map_is_within_one_level_of_the_definition_on_lol(
         rgb = load_rgb8(path)
         exact = retinex_definition(rgb)
         full = illumination_map(rgb, reduction=1).astype(int)  # float32 there: a level at exact halves
-        assert np.abs(full - exact).max() <= 1 and (full != exact).mean() < 1e-3
+        assert np.abs(full - exact).max() <= 1 and (full != exact).mean() < 1e-2
         difference = np.abs(illumination_map(rgb).astype(int) - exact)
         assert difference.mean() < 1.0 and difference.max() <= 8, (
             path.name,
             difference.mean(),
             difference.max(),
         )
+
+
+def test_a_corrupt_image_found_by_a_worker_process_is_reported(tmp_path, capsys):
+    # Workers return the problem to the parent: it must survive pickling (it once hung the build).
+    data = pairs_dir(tmp_path)
+    bad = data["low"] / "1.png"
+    bad.write_bytes(bad.read_bytes()[:200])
+    message = error_of(capsys, build(tmp_path / "out", data, "--workers", "2"))
+    assert str(bad) in message and "--skip-bad" in message
