@@ -42,6 +42,7 @@ from semi_llie.models.blocks import ResidualGroup, VSSBlock
 from semi_llie.models.gradient import image_gradient
 
 ILLUMINATION_MODES = ("learned", "precomputed")
+PADDING_MODES = ("reflect", "replicate", "zeros")
 MEAN_RGB = (0.4488, 0.4371, 0.4040)
 
 
@@ -108,8 +109,13 @@ class MambaLowlight(nn.Module):
         input_mean: Sequence[float] = MEAN_RGB,
         input_std: Sequence[float] = (1.0, 1.0, 1.0),
         exposure: bool = False,
+        padding: str = "reflect",
     ) -> None:
         super().__init__()
+        if padding not in PADDING_MODES:
+            raise ConfigError(
+                f"unknown model padding {padding!r}; set it to one of {', '.join(PADDING_MODES)}"
+            )
         if illumination not in ILLUMINATION_MODES:
             modes = ", ".join(ILLUMINATION_MODES)
             raise ConfigError(f"unknown model illumination {illumination!r}; set it to one of {modes}")
@@ -148,6 +154,7 @@ class MambaLowlight(nn.Module):
         self.conv_last = nn.Conv2d(embed_dim, 3, 3, padding=1)
         self.exposure = ExposureGain() if exposure else None
         self.apply(_init_linear_and_norm)
+        set_border_padding(self, padding)
         if self.exposure is not None:
             self.exposure.reset_parameters()
 
@@ -201,6 +208,21 @@ class MambaLowlight(nn.Module):
                 f"{tuple(x.shape)}; rebuild the shards so illum.png matches low.png"
             )
         return illum.to(x.dtype)
+
+
+def set_border_padding(model: nn.Module, mode: str) -> None:
+    """Pad every spatial convolution of `model` (kernel > 1) with `mode` instead of zeros.
+
+    Zero padding shows every border pixel a black frame, which a training crop (cut from inside an image)
+    never has at the same place at test time; on a flat grey input the zero-padded paper model drew a dark
+    line one to four pixels deep along the edges, mostly the bottom and right ones, which the body's
+    LayerNorms amplified (docs/results/border_line.md). Reflection extends the image instead, so a flat
+    input stays flat through every convolution. The padding is not in the state dict: weights load into
+    either mode.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and any(side > 0 for side in module.padding):
+            module.padding_mode = mode
 
 
 def _init_linear_and_norm(module: nn.Module) -> None:
