@@ -19,6 +19,7 @@ from semi_llie.data.illumination import illumination_map
 from semi_llie.data.images import load_rgb8
 from semi_llie.data.manifest import input_statistics
 from semi_llie.data.sources import sample_key
+from semi_llie.errors import UserError
 
 
 def build(out: Path, data: dict[str, Path], *extra: str) -> int:
@@ -116,6 +117,33 @@ def test_split_is_seeded_and_independent_of_listing_order(tmp_path, dataset):
 
     assert splits(one) == splits(same) != splits(other)
     assert sorted(splits(one).values()).count("test") == 2
+
+
+def test_labeled_fraction_keeps_val_and_test_and_moves_or_drops_the_other_pairs(tmp_path, dataset):
+    pairs = ((str(dataset["low"]), str(dataset["high"])),)
+    cfg = dict(pairs=pairs, val_fraction=0.25, test_fraction=0.25, seed=3)
+
+    def by_split(manifest) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for record in manifest["samples"]:
+            found.setdefault(record["split"], set()).add(Path(record["sources"]["low"]["path"]).stem)
+        return found
+
+    full = by_split(build_shards(BuildConfig(out=tmp_path / "full", **cfg)))
+    half = by_split(build_shards(BuildConfig(out=tmp_path / "half", labeled_fraction=0.5, **cfg)))
+    dropped = by_split(
+        build_shards(BuildConfig(out=tmp_path / "drop", labeled_fraction=0.5, drop_unused_pairs=True, **cfg))
+    )
+    assert len(full["labeled"]) == 4  # 8 pairs: 2 val, 2 test, 4 labeled
+    for split in ("val", "test"):  # every fraction is scored on the same pairs
+        assert half[split] == dropped[split] == full[split]
+    assert len(half["labeled"]) == 2 and half["labeled"] < full["labeled"]
+    assert half["unlabeled"] == full["labeled"] - half["labeled"]  # their lows, without ground truth
+    assert dropped["labeled"] == half["labeled"] and "unlabeled" not in dropped
+    manifest = json.loads((tmp_path / "half" / "manifest.json").read_text())
+    assert all("high" not in r["sources"] for r in manifest["samples"] if r["split"] == "unlabeled")
+    with pytest.raises(UserError, match="labeled-fraction"):
+        build_shards(BuildConfig(out=tmp_path / "bad", labeled_fraction=0.0, **cfg))
 
 
 def test_keys_are_unique_and_file_name_safe():

@@ -41,6 +41,8 @@ class BuildConfig:
     roots: tuple[str, ...] = ()
     val_fraction: float | None = None
     test_fraction: float | None = None
+    labeled_fraction: float = 1.0
+    drop_unused_pairs: bool = False
     seed: int = 0
     max_count: int = 1000
     max_size_mb: float = 1024.0
@@ -176,6 +178,8 @@ def build_shards(config: BuildConfig) -> dict[str, Any]:
         [Path(d) for d in config.roots],
         val_fraction=config.val_fraction,
         test_fraction=config.test_fraction,
+        labeled_fraction=config.labeled_fraction,
+        drop_unused_pairs=config.drop_unused_pairs,
         seed=config.seed,
         skip_bad=config.skip_bad,
     )

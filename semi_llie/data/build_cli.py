@@ -46,6 +46,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--test-fraction", type=float, default=None, help="fraction of pairs held out for test"
     )
+    parser.add_argument(
+        "--labeled-fraction",
+        type=float,
+        default=1.0,
+        help="keep this seeded fraction of the training pairs labeled; the others' low images become "
+        "unlabeled (label-efficiency studies; val/test stay the same for every fraction)",
+    )
+    parser.add_argument(
+        "--drop-unused-pairs",
+        action="store_true",
+        help="with --labeled-fraction: leave the other pairs out instead of adding their lows as unlabeled",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the labeled/val/test split")
     parser.add_argument("--max-count", type=int, default=1000, help="samples per shard at most")
     parser.add_argument("--max-size", type=float, default=1024.0, metavar="MB", help="shard size at most")
@@ -97,6 +109,8 @@ def main(args: argparse.Namespace) -> int:
         roots=tuple(args.root),
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
+        labeled_fraction=args.labeled_fraction,
+        drop_unused_pairs=args.drop_unused_pairs,
         seed=args.seed,
         max_count=args.max_count,
         max_size_mb=args.max_size,

@@ -108,6 +108,8 @@ def collect_inputs(
     *,
     val_fraction: float | None = None,
     test_fraction: float | None = None,
+    labeled_fraction: float = 1.0,
+    drop_unused_pairs: bool = False,
     seed: int = 0,
     skip_bad: bool = False,
 ) -> Inputs:
@@ -115,6 +117,9 @@ def collect_inputs(
 
     `--pairs` folders and `ROOT/labeled` are split into labeled/val/test by `split_pairs` when no root has a
     `val/` folder; `val_fraction`/`test_fraction` of None mean "0.1 / 0 when splitting, else 0".
+    `labeled_fraction` < 1 keeps a seeded subset of the labeled pairs and moves the other pairs' low images
+    to the unlabeled split (their ground truth is dropped), or with `drop_unused_pairs` leaves them out: a
+    label-efficiency study on one paired set, with same-domain or other unlabeled data.
     """
     collector = _Collector(skip_bad)
     tags = _TagAllocator()
@@ -174,8 +179,15 @@ def collect_inputs(
         test_fraction=test_fraction or 0.0,
         seed=seed,
     )
+    unlabeled_now = pairs_without_labels(
+        sorted(key for key, split in split_of.items() if split == "labeled"), labeled_fraction, seed
+    )
     for tag, stem, low, high in labeled_pairs:
-        fixed.append((split_of[(tag, stem)], tag, stem, low, high))
+        if (tag, stem) in unlabeled_now:
+            if not drop_unused_pairs:
+                fixed.append(("unlabeled", tag, stem, low, None))
+        else:
+            fixed.append((split_of[(tag, stem)], tag, stem, low, high))
 
     samples = [
         Sample(sample_key(split, tag, stem), split, tag, low, high) for split, tag, stem, low, high in fixed
@@ -209,6 +221,21 @@ def split_pairs(
     for rank, index in enumerate(order):
         split_of[items[index]] = "val" if rank < n_val else "test" if rank < n_val + n_test else "labeled"
     return split_of
+
+
+def pairs_without_labels(
+    labeled: list[tuple[str, str]], labeled_fraction: float, seed: int
+) -> set[tuple[str, str]]:
+    """The sorted labeled (tag, stem) items that lose their label: all but a seeded `labeled_fraction`.
+
+    Drawn after, and independently of, the val/test split, so every fraction shares the same val and test
+    pairs; a smaller fraction's labeled pairs are a subset of a larger one's (same seed).
+    """
+    if not 0.0 < labeled_fraction <= 1.0:
+        raise UserError(f"--labeled-fraction must be in (0, 1], got {labeled_fraction}")
+    keep = max(round(len(labeled) * labeled_fraction), 1) if labeled else 0
+    order = np.random.default_rng([seed, 1]).permutation(len(labeled))
+    return {labeled[index] for index in order[keep:]}
 
 
 def sample_key(split: str, tag: str, stem: str) -> str:
