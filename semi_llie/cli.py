@@ -31,6 +31,11 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
         "score a checkpoint or registered model on paired or unpaired data",
     ),
     (("enhance",), "semi_llie.enhance", "enhance image files, folders or globs with a trained model"),
+    (
+        ("sweep",),
+        "semi_llie.sweep",
+        "train a grid of config overrides x seeds as child runs of one MLflow run (here or as a SLURM array)",
+    ),
     (("runs", "compare"), "semi_llie.compare", "compare MLflow runs: table (markdown, CSV) and metric plot"),
     (
         ("quickstart",),

@@ -76,6 +76,9 @@ class DataConfig(Block):
     # trained with small crops and large batches, where PNG decoding would bound the step.
     cache_labeled: bool = False
     unlabeled_size: int = Field(256, ge=8)  # weak/strong views are resized to this square size
+    # The strong view: METHOD §2's colour jitter, grayscale and blur ("paper"), or exposure, sensor noise and
+    # blur ("lowlight", semi_llie.data.augment.lowlight_strong_view).
+    strong_augment: Literal["paper", "lowlight"] = "paper"
     num_workers: int = Field(2, ge=0)
     seed: int = 2022
     # An undecodable sample or a truncated shard stops training with an error naming it (false), or is
@@ -143,6 +146,10 @@ class TrackingConfig(Block):
     registered_model_name: str = "semi-llie-teacher"
     alias: str = "champion"
     log_model: bool = True  # log + register the teacher on each new best val/psnr
+    # Set by `semi-llie sweep` for its child runs: the sweep's MLflow parent run and tags naming the child's
+    # grid cell (sweep.group) and seed, which `runs compare --sweep` groups by.
+    parent_run_id: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
 
 
 class Config(Block):

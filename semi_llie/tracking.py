@@ -128,7 +128,9 @@ class Tracker:
         if experiment is None:
             mlflow.create_experiment(self.cfg.experiment, artifact_location=artifact_location(self.uri))
         mlflow.set_experiment(self.cfg.experiment)
-        run = mlflow.start_run(run_name=self.cfg.run_name)
+        run = mlflow.start_run(
+            run_name=self.cfg.run_name, parent_run_id=self.cfg.parent_run_id, tags=self.cfg.tags or None
+        )
         items = list(params.items())
         for start in range(0, len(items), 100):  # MLflow's batch limit
             mlflow.log_params(dict(items[start : start + 100]))

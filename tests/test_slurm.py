@@ -150,3 +150,39 @@ def test_train_two_nodes_resumes_after_requeue_and_usr1_into_one_mlflow_run(
     assert runs[0].info.status == "FINISHED"
     logged_steps = sorted(metric.step for metric in client.get_metric_history(run_id, "train/loss"))
     assert logged_steps == list(range(1, TRAIN_STEPS + 1))
+
+
+def test_sweep_array_job_trains_one_child_per_task_under_one_parent_run(
+    cluster: SlurmCluster, shards: dict, tmp_path: Path
+) -> None:
+    import mlflow
+
+    out, store = tmp_path / "sweep", f"sqlite:///{tmp_path}/mlflow.db"
+    plan = [
+        sys.executable, "-m", "semi_llie", "sweep", "--config", str(ROOT / "configs" / "tiny_test.yaml"),
+        "--out", str(out), "--grid", "optim.lr=1e-3,2e-4", "--set", f"data.shards={shards['out']}",
+        "--set", "train.max_steps=2", "--set", "train.validate_every=2", "--set", "train.checkpoint_every=2",
+        "--set", f"tracking.tracking_uri={store}", "--set", "tracking.log_model=false", "--plan-only",
+    ]  # fmt: skip
+    printed = cluster.run(*plan, env=job_env(cluster), cwd=tmp_path)
+    submission = re.search(r"sbatch (--array=0-1) slurm/sweep.sbatch (\S+)", printed)
+    assert submission is not None, printed
+    log = tmp_path / "task-%a.out"
+    job = cluster.run(
+        "sbatch", "--parsable", submission.group(1), f"--output={log}", str(ROOT / "slurm" / "sweep.sbatch"),
+        submission.group(2), env=job_env(cluster), cwd=ROOT,
+    ).strip().split(";")[0]  # fmt: skip
+    cluster.wait_finished(job, timeout=300)
+    logs = "".join(path.read_text() for path in tmp_path.glob("task-*.out"))
+    assert [task["JobState"] for task in cluster.jobs(job)] == ["COMPLETED"] * 2, logs
+
+    done = sorted(json.loads(path.read_text())["group"] for path in out.glob("children/*/sweep_done.json"))
+    assert done == ["optim.lr=1e-3", "optim.lr=2e-4"]
+    parent_id = json.loads((out / "sweep.json").read_text())["parent_run_id"]
+    client = mlflow.MlflowClient(store)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"  # ended by whichever task finished the last child
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
+    assert sorted(float(run.data.params["optim.lr"]) for run in children) == [2e-4, 1e-3]
