@@ -204,6 +204,7 @@ def main(args: argparse.Namespace) -> int:
                 manifest,
                 cfg.data.batch_size_unlabeled,
                 cfg.data.unlabeled_size,
+                strong_augment=cfg.data.strong_augment,
                 known_bad=frozenset(state.skipped_samples.get("unlabeled", ())),
                 **stream_args,
             )

@@ -96,6 +96,30 @@ def test_unlabeled_views(shards):
     assert sum(not torch.equal(v, weak) for v in views) >= 6  # augmentation fires (p=0.8 jitter alone)
 
 
+def test_lowlight_strong_view_changes_exposure_and_noise_but_never_colour():
+    # A dim reddish image: the paper's view turns some grey or shifts hue; the lowlight view keeps the
+    # image's colour balance up to noise (its changes are a gain in linear light, zero-mean noise, blur).
+    weak = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) * 0.2 + 0.05
+    weak[0] *= 1.6
+
+    def colour(image):  # the share of each channel in the image's total
+        means = image.mean(dim=(1, 2))
+        return means / means.sum()
+
+    chroma = colour(weak)
+    gains, chroma_errors = [], []
+    for seed in range(16):
+        view = strong_view(weak, torch.Generator().manual_seed(seed), "lowlight")
+        assert view.shape == weak.shape and 0 <= view.min() and view.max() <= 1
+        linear_ratio = (view.clamp_min(1e-3) ** 2.2).mean() / (weak**2.2).mean()
+        gains.append(linear_ratio.item())
+        chroma_errors.append((colour(view) - chroma).abs().max().item())
+    assert min(gains) < 0.8 and max(gains) > 1.2  # exposure drawn from U(0.5, 1.5)
+    assert max(chroma_errors) < 0.02
+    paper = [strong_view(weak, torch.Generator().manual_seed(s), "paper") for s in range(16)]
+    assert max((colour(v) - chroma).abs().max().item() for v in paper) > 0.05
+
+
 def keys_seen(loader) -> list[str]:
     return [key for batch in loader for key in batch["key"]]
 

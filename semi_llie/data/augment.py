@@ -64,7 +64,45 @@ def resize_square(image: Tensor, size: int) -> Tensor:
     return resized[0].clamp_(0.0, 1.0)
 
 
-def strong_view(weak: Tensor, generator: torch.Generator) -> Tensor:
+STRONG_AUGMENTS = ("paper", "lowlight")
+
+
+def strong_view(weak: Tensor, generator: torch.Generator, kind: str = "paper") -> Tensor:
+    """The strong view of a 3×S×S float image in [0, 1]: `paper_strong_view` or `lowlight_strong_view`."""
+    if kind == "lowlight":
+        return lowlight_strong_view(weak, generator)
+    return paper_strong_view(weak, generator)
+
+
+def lowlight_strong_view(weak: Tensor, generator: torch.Generator) -> Tensor:
+    """A strong view whose enhanced image should equal the weak view's (our addition, `strong_augment:
+    lowlight`): the same scene taken darker or brighter and noisier, so the consistency loss asks for what
+    an enhancer must do anyway.
+
+    Exposure ×U(0.5, 1.5) in linear light (sRGB decoded, scaled, re-encoded), then with p=0.8 heteroscedastic
+    sensor noise (std sqrt(a·x + b²), a ∈ U(0, 0.004), b ∈ U(0, 0.02), in sRGB), then the paper's blur
+    (p=0.5, σ∈[0.1, 2]). The paper's hue, saturation and contrast jitter and its grayscale change what the
+    enhanced image should look like; asking the student to map a grey or hue-shifted input to the teacher's
+    colour output teaches it to wash colours out (docs/results/label_efficiency.md).
+    """
+    linear = weak.clamp(0.0, 1.0) ** 2.2
+    image = (linear * _uniform(generator, 0.5, 1.5)).clamp(0.0, 1.0) ** (1 / 2.2)
+    if _chance(generator, 0.8):
+        shot, read = _uniform(generator, 0.0, 0.004), _uniform(generator, 0.0, 0.02)
+        noise = torch.randn(image.shape, generator=generator)
+        image = image + noise * (shot * image + read**2).sqrt()
+    if _chance(generator, 0.5):
+        image = _paper_blur(image.clamp(0.0, 1.0), generator)
+    return image.clamp(0.0, 1.0)
+
+
+def _paper_blur(image: Tensor, generator: torch.Generator) -> Tensor:
+    sigma = _uniform(generator, 0.1, 2.0)
+    kernel = 2 * int(3.0 * sigma + 0.5) + 1  # covers ±3σ
+    return TF.gaussian_blur(image, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
+
+
+def paper_strong_view(weak: Tensor, generator: torch.Generator) -> Tensor:
     """METHOD §2 strong view of a 3×S×S float image: photometric only, so it stays pixel-aligned.
 
     ColorJitter(0.5, 0.5, 0.5, 0.25) with p=0.8 (its four changes in random order, as torchvision does),
@@ -84,7 +122,5 @@ def strong_view(weak: Tensor, generator: torch.Generator) -> Tensor:
     if _chance(generator, 0.2):
         image = TF.rgb_to_grayscale(image, num_output_channels=3)
     if _chance(generator, 0.5):
-        sigma = _uniform(generator, 0.1, 2.0)
-        kernel = 2 * int(3.0 * sigma + 0.5) + 1  # covers ±3σ
-        image = TF.gaussian_blur(image, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
+        image = _paper_blur(image, generator)
     return image.clamp(0.0, 1.0)

@@ -242,15 +242,16 @@ class LabeledSample:
 class UnlabeledSample:
     """Raw unlabeled sample -> `{"key", "weak", "strong", "illum": 3×S×S}`, S = unlabeled_size."""
 
-    def __init__(self, unlabeled_size: int) -> None:
+    def __init__(self, unlabeled_size: int, strong_augment: str = "paper") -> None:
         self.unlabeled_size = unlabeled_size
+        self.strong_augment = strong_augment
 
     def __call__(self, raw: RawSample, generator: torch.Generator) -> dict[str, Any]:
         weak = resize_square(decode(raw["low.png"]), self.unlabeled_size)  # 3×S×S
         return {
             "key": raw["__key__"],
             "weak": weak,
-            "strong": strong_view(weak, generator),
+            "strong": strong_view(weak, generator, self.strong_augment),
             "illum": resize_square(decode(raw["illum.png"]), self.unlabeled_size),
         }
 
@@ -427,6 +428,7 @@ def unlabeled_loader(
     batch_size: int,
     unlabeled_size: int = 256,
     *,
+    strong_augment: str = "paper",
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
@@ -441,7 +443,7 @@ def unlabeled_loader(
     stream = TrainingStream(
         open_location(location),
         "unlabeled",
-        UnlabeledSample(unlabeled_size),
+        UnlabeledSample(unlabeled_size, strong_augment),
         batch_size,
         seed=seed,
         rank=rank,
