@@ -24,7 +24,7 @@ def test_train_overrides_fit_the_config_schema_and_the_step_budget(tmp_path):
     layout = QuickstartLayout(tmp_path)
     cfg = load_config(DEFAULT_CONFIG, train_overrides(layout, _args(tmp_path)))
     assert cfg.train.max_steps == 12
-    assert cfg.optim.milestones == [6, 9]  # the paper's 1/2 and 3/4 of the schedule
+    assert cfg.optim.milestones == [9, 10]  # 75 % and 90 % of the schedule
     assert cfg.train.validate_every == 6
     assert cfg.data.shards == str(layout.shards) and cfg.train.output_dir == str(layout.run)
     assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
@@ -69,7 +69,8 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert str(version.version) == summary["champion"]["version"]
 
     evaluation = json.loads((out / "eval" / "summary.json").read_text())
-    assert evaluation["num_images"] == 6 and evaluation["metrics"]["psnr"] > 0
+    assert evaluation["num_images"] == 6
+    assert evaluation["metrics"]["psnr"] == pytest.approx(summary["val_psnr"]["semi-llie"])
     assert set(summary["val_psnr"]) == {"semi-llie", "input", "gamma", "histeq"}
     assert summary["val_psnr"]["gamma"] > summary["val_psnr"]["input"]  # the synthetic inputs are dark
 
