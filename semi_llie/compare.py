@@ -149,13 +149,18 @@ def summarise(client, run, metrics: list[str]) -> RunSummary:
 
 
 def group_runs(runs: list[RunSummary]) -> dict[str, list[RunSummary]]:
-    """Runs tagged with a sweep cell, by cell (in first-seen order); empty when no run is tagged."""
-    from semi_llie.sweep import GROUP_TAG
+    """Runs tagged with a sweep cell, by cell (in first-seen order); empty when no run is tagged.
 
+    Runs of several sweeps (e.g. `--experiment`) are grouped by sweep and cell: `<sweep> | <cell>`.
+    """
+    from semi_llie.sweep import GROUP_TAG, SWEEP_TAG
+
+    tagged = [run for run in runs if GROUP_TAG in run.tags]
+    several = len({run.tags.get(SWEEP_TAG) for run in tagged}) > 1
     groups: dict[str, list[RunSummary]] = {}
-    for run in runs:
-        if GROUP_TAG in run.tags:
-            groups.setdefault(run.tags[GROUP_TAG], []).append(run)
+    for run in tagged:
+        name = f"{run.tags.get(SWEEP_TAG)} | {run.tags[GROUP_TAG]}" if several else run.tags[GROUP_TAG]
+        groups.setdefault(name, []).append(run)
     return groups
 
 

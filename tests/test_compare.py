@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from semi_llie import cli
-from semi_llie.compare import RunSummary, lower_is_better, shown_params
+from semi_llie.compare import RunSummary, group_runs, group_table, lower_is_better, shown_params
 
 CURVES = {"slow": ("0.0001", [10.0, 14.0, 13.0], 0.5), "fast": ("0.0002", [12.0, 15.5, 16.0], 0.0)}
 
@@ -76,3 +76,19 @@ def test_shown_params_are_chosen_then_differing() -> None:
         RunSummary("b", "", "FINISHED", {"optim.lr": "1", "seed": "1", "crop": "256"}),
     ]
     assert shown_params(runs, ["optim.lr", "train.max_steps"]) == ["optim.lr", "seed"]
+
+
+def test_runs_are_grouped_by_sweep_cell_and_by_sweep_when_there_are_several() -> None:
+    def run(sweep: str, cell: str, seed: str, psnr: float) -> RunSummary:
+        tags = {"sweep.name": sweep, "sweep.group": cell, "sweep.seed": seed}
+        return RunSummary(f"{sweep}{cell}{seed}", "", "FINISHED", {}, {"m": (psnr, 1)}, tags=tags)
+
+    one_sweep = [run("a", "lr=1", "0", 20.0), run("a", "lr=2", "0", 19.0), run("a", "lr=1", "1", 22.0)]
+    untagged = RunSummary("parent", "", "FINISHED", {})
+    groups = group_runs([*one_sweep, untagged])
+    assert list(groups) == ["lr=1", "lr=2"] and len(groups["lr=1"]) == 2
+    header, rows = group_table(groups, ["m"])
+    assert rows[0] == ["lr=1", "2", f"21.000 ± {2**0.5:.3f} (n=2)", "20.000 – 22.000"]
+
+    both = group_runs([*one_sweep, run("b", "lr=1", "0", 18.0)])
+    assert list(both) == ["a | lr=1", "a | lr=2", "b | lr=1"]
