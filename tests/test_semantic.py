@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from semi_llie.semantic import (
     RAM_LARGE,
     RAM_TINY,
     SAM_TINY,
+    SAM_VIT_B,
     RAMExtractor,
     SAMExtractor,
     build_semantic,
@@ -207,3 +211,96 @@ def test_sam_loader_resizes_to_another_input_size_and_names_missing_keys():
     del state["image_encoder.blocks.1.attn.qkv.weight"]
     with pytest.raises(UserError, match=r"image_encoder\.blocks\.1\.attn\.qkv\.weight"):
         load_sam_checkpoint(SAMExtractor(SAM_TINY), state)
+
+
+# -- the official checkpoints' layouts (tests/data/*_keys.txt, from the official model definitions) ----
+
+DATA = Path(__file__).parent / "data"
+RAM_KEYS = DATA / "ram_swin_large_14m_keys.txt"
+SAM_KEYS = DATA / "sam_vit_b_keys.txt"
+# int64 in the official code (Swin's relative-position index, BERT's position ids); the rest is float32
+INTEGER_BUFFERS = ("relative_position_index", "position_ids")
+
+
+def official_key_list_generator():
+    spec = importlib.util.spec_from_file_location(
+        "make_official_key_lists", DATA / "make_official_key_lists.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_key_list(path: Path) -> dict[str, tuple[int, ...]]:
+    rows = (line.split("\t") for line in path.read_text().splitlines())
+    return {key: tuple(int(n) for n in shape.split(",")) for key, shape in rows}
+
+
+def zeros_in_layout(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Zero tensors of the listed shapes and dtypes, all views of one storage per dtype.
+
+    torch.save writes a shared storage once, so the 2 GB RAM layout costs ~100 MB in memory and on disk.
+    """
+    dtypes = {key: torch.int64 if key.endswith(INTEGER_BUFFERS) else torch.float32 for key in shapes}
+    pools = {
+        dtype: torch.zeros(max(math.prod(shapes[key]) for key in shapes if dtypes[key] == dtype), dtype=dtype)
+        for dtype in set(dtypes.values())
+    }
+    return {key: pools[dtypes[key]][: math.prod(shape)].view(shape) for key, shape in shapes.items()}
+
+
+def poison(model: torch.nn.Module) -> None:
+    """NaN (or -1) in every saved tensor, so a tensor the loader does not overwrite with zeros shows."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.fill_(float("nan") if tensor.is_floating_point() else -1)
+
+
+def test_official_key_lists_are_what_their_generator_writes():
+    generator = official_key_list_generator()
+    for name, make in generator.OUTPUTS.items():
+        assert (DATA / name).read_text() == generator.render(make()), f"regenerate tests/data/{name}"
+    ram, sam = read_key_list(RAM_KEYS), read_key_list(SAM_KEYS)
+    assert len(ram) == 1042 and len(sam) == 314
+    assert ram["visual_encoder.layers.2.blocks.17.attn_mask"] == (4, 144, 144)  # 24² stage, 12² windows
+    assert "visual_encoder.layers.3.blocks.1.attn_mask" not in ram  # 12² stage: one window, no shift
+    assert ram["tagging_head.encoder.layer.1.crossattention.self.key.weight"] == (768, 512)
+    assert sam["image_encoder.blocks.2.attn.rel_pos_h"] == (127, 64)  # a global-attention block
+
+
+@pytest.mark.slow
+def test_official_ram_swin_large_layout_loads_into_the_large_extractor(tmp_path):
+    shapes = read_key_list(RAM_KEYS)
+    path = tmp_path / "ram_swin_large_14m.pth"
+    torch.save({"model": zeros_in_layout(shapes)}, path)
+    ram = RAMExtractor(RAM_LARGE)
+    poison(ram)
+
+    report = load_ram_checkpoint(ram, path)  # raises on any missing / unexpected key or shape mismatch
+
+    loaded = ram.state_dict()
+    derived = [key for key in shapes if key.endswith(("relative_position_index", "attn_mask"))]
+    captioning = [key for key in shapes if key.startswith(("tag_encoder.", "text_decoder."))]
+    assert len(derived) == 24 + 11 and len(captioning) == 641
+    assert set(loaded) == set(shapes) - set(derived) - set(captioning)
+    assert report.loaded == len(loaded) and report.skipped == len(captioning) and report.interpolated == []
+    assert all(tuple(loaded[key].shape) == shapes[key] for key in loaded)
+    not_loaded = [key for key, tensor in loaded.items() if not tensor.eq(0).all()]
+    assert not_loaded == []
+
+
+@pytest.mark.slow
+def test_official_sam_vit_b_layout_loads_into_the_encoder(tmp_path):
+    shapes = read_key_list(SAM_KEYS)
+    path = tmp_path / "sam_vit_b_01ec64.pth"
+    torch.save(zeros_in_layout(shapes), path)  # the official file is a flat state dict
+    sam = SAMExtractor(SAM_VIT_B)
+    poison(sam)
+
+    assert load_sam_checkpoint(sam, path) == len(sam.state_dict())
+
+    loaded = sam.state_dict()
+    assert set(loaded) == {key for key in shapes if key.startswith("image_encoder.")}
+    assert all(tuple(loaded[key].shape) == shapes[key] for key in loaded)
+    not_loaded = [key for key, tensor in loaded.items() if not tensor.eq(0).all()]
+    assert not_loaded == []
