@@ -153,7 +153,7 @@ def group_runs(runs: list[RunSummary]) -> dict[str, list[RunSummary]]:
 
     Runs of several sweeps (e.g. `--experiment`) are grouped by sweep and cell: `<sweep> | <cell>`.
     """
-    from semi_llie.sweep import GROUP_TAG, SWEEP_TAG
+    from semi_llie.tracking import GROUP_TAG, SWEEP_TAG
 
     tagged = [run for run in runs if GROUP_TAG in run.tags]
     several = len({run.tags.get(SWEEP_TAG) for run in tagged}) > 1

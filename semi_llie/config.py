@@ -32,6 +32,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from semi_llie.errors import ConfigError
 
+# The paper's objective (METHOD §3), slot by slot: a `losses:` slot left out of a config takes this block
+# (semi_llie.losses.build_objective). It lives on the ground floor: validating a config needs no model code.
+DEFAULT_LOSS_CONFIG: dict[str, dict[str, Any]] = {
+    "semantic": {"type": "RAM", "checkpoint": None, "size": "large"},
+    "fidelity": {"type": "FidelityLoss", "loss_weight": 1.0, "l1_weight": 0.8, "mse_weight": 0.2},
+    "ram_perceptual": {"type": "RAMPerceptualLoss", "loss_weight": 0.1},
+    "gradient": {"type": "GradientLoss", "loss_weight": 0.1},
+    "consistency": {"type": "ConsistencyLoss", "loss_weight": 1.0},
+    "contrastive": {"type": "SemanticContrastiveLoss", "loss_weight": 1.0},
+    "unsup_weight": {"weight": 0.1, "ramp_length": 100, "unit": "epoch"},
+}
+
 
 class Block(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -174,8 +186,6 @@ class Config(Block):
     @field_validator("losses")
     @classmethod
     def _known_loss_slots(cls, losses: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from semi_llie.losses.build import DEFAULT_LOSS_CONFIG
-
         for slot in losses:
             if slot not in DEFAULT_LOSS_CONFIG:
                 hint = difflib.get_close_matches(slot, DEFAULT_LOSS_CONFIG, n=1)

@@ -41,15 +41,12 @@ import yaml
 
 from semi_llie.distributed import PREEMPTED_EXIT_CODE
 from semi_llie.errors import UserError
+from semi_llie.tracking import GROUP_TAG, SEED_TAG, SWEEP_TAG
 
 PLAN_FILE = "sweep.json"
 DONE_FILE = "sweep_done.json"
 LOCK_FILE = ".sweep.lock"  # held while a process trains the child: two array tasks never train one child
 SEED_KEY = "data.seed"
-# Tags on every child run: `runs compare --sweep` groups by the first and averages over the second.
-GROUP_TAG = "sweep.group"
-SEED_TAG = "sweep.seed"
-SWEEP_TAG = "sweep.name"
 
 
 @dataclass
@@ -348,16 +345,13 @@ def _train_and_evaluate(out: Path, plan: SweepPlan, child: Child, cfg, total: in
     run_file = folder / "run.json"
     run_id = json.loads(run_file.read_text()).get("mlflow_run_id") if run_file.is_file() else None
     if code == 0 and plan.evaluate_split:
-        from semi_llie.cli import main as cli_main
-
         evaluate = [
-            "evaluate", "--checkpoint", str(folder), "--data", str(cfg.data.shards),
+            "--checkpoint", str(folder), "--data", str(cfg.data.shards),
             "--split", plan.evaluate_split, "--out", str(folder / f"eval-{plan.evaluate_split}"),
         ]  # fmt: skip
         if run_id:
             evaluate += ["--mlflow-run-id", run_id, "--tracking-uri", plan.tracking_uri or ""]
-        # In this process: a child's evaluation would otherwise pay a second interpreter start-up.
-        code = cli_main(evaluate)
+        code = _evaluate(evaluate)
         if code == 0:
             summary = json.loads((folder / f"eval-{plan.evaluate_split}" / "summary.json").read_text())
             result[f"eval/{plan.evaluate_split}"] = summary["metrics"]
@@ -368,6 +362,20 @@ def _train_and_evaluate(out: Path, plan: SweepPlan, child: Child, cfg, total: in
     write_text_atomic(folder / DONE_FILE, json.dumps(result, indent=1) + "\n")
     print(f"    done in {result['train_seconds']:.0f} s", flush=True)
     return 0
+
+
+def _evaluate(argv: list[str]) -> int:
+    """`semi-llie evaluate ARGV` in this process (a child's evaluation would otherwise pay a second
+    interpreter start-up); its exit code, with a UserError printed as the CLI prints it."""
+    from semi_llie import evaluate
+
+    parser = argparse.ArgumentParser(prog="semi-llie evaluate")
+    evaluate.add_arguments(parser)
+    try:
+        return int(evaluate.main(parser.parse_args(argv)) or 0)
+    except UserError as err:
+        print(f"semi-llie: error: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 @contextlib.contextmanager

@@ -37,6 +37,12 @@ MODEL_REQUIREMENTS = ("torch", "numpy", "einops", "pyyaml", "pydantic")
 
 T = TypeVar("T")
 
+# Tags of `semi-llie sweep` runs: the sweep's name on every child and the parent, and on each child its
+# grid cell (`key=value, key=value`) and seed offset; `runs compare` groups children by sweep and cell.
+SWEEP_TAG = "sweep.name"
+GROUP_TAG = "sweep.group"
+SEED_TAG = "sweep.seed"
+
 
 def resolve_tracking_uri(configured: str | None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI

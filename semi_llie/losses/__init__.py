@@ -1,7 +1,7 @@
 """Semi-LLIE losses (METHOD §3) and the objective that combines them for the trainer."""
 
+from semi_llie.config import DEFAULT_LOSS_CONFIG
 from semi_llie.losses.build import (
-    DEFAULT_LOSS_CONFIG,
     LOSSES,
     TERM_NAMES,
     ObjectiveOutput,

@@ -9,8 +9,8 @@
       contrastive:    {type: SemanticContrastiveLoss, loss_weight: 1.0}
       unsup_weight:   {weight: 0.1, ramp_length: 100, unit: epoch}
 
-A slot left out takes the paper's block above (`DEFAULT_LOSS_CONFIG`); a term is switched off with
-`loss_weight: 0` or `enabled: false`. The semantic extractor is built only when a term uses it.
+A slot left out takes the paper's block above (`semi_llie.config.DEFAULT_LOSS_CONFIG`); a term is switched
+off with `loss_weight: 0` or `enabled: false`. The semantic extractor is built only when a term uses it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from semi_llie.config import DEFAULT_LOSS_CONFIG
 from semi_llie.errors import ConfigError
 from semi_llie.losses.pixel import ConsistencyLoss, FidelityLoss, GradientLoss, WeightedLoss
 from semi_llie.losses.ramp import RampedWeight
@@ -32,15 +33,6 @@ LOSSES = Registry("loss")
 for _loss in (FidelityLoss, GradientLoss, ConsistencyLoss, RAMPerceptualLoss, SemanticContrastiveLoss):
     LOSSES.register()(_loss)
 
-DEFAULT_LOSS_CONFIG: dict[str, dict[str, Any]] = {
-    "semantic": {"type": "RAM", "checkpoint": None, "size": "large"},
-    "fidelity": {"type": "FidelityLoss", "loss_weight": 1.0, "l1_weight": 0.8, "mse_weight": 0.2},
-    "ram_perceptual": {"type": "RAMPerceptualLoss", "loss_weight": 0.1},
-    "gradient": {"type": "GradientLoss", "loss_weight": 0.1},
-    "consistency": {"type": "ConsistencyLoss", "loss_weight": 1.0},
-    "contrastive": {"type": "SemanticContrastiveLoss", "loss_weight": 1.0},
-    "unsup_weight": {"weight": 0.1, "ramp_length": 100, "unit": "epoch"},
-}
 # Slot -> name under which the term is logged (MLflow: train/<name>).
 TERM_NAMES = {
     "fidelity": "sup/l1mse",
