@@ -222,7 +222,7 @@ def parse_grid_item(item: str) -> tuple[str, list[str]]:
 
 def _yaml_text(value: Any) -> str:
     """A spec value as override text (`[1, 2]`, `true`, `0.001`)."""
-    return value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    return value if isinstance(value, str) else json.dumps(value)  # JSON is YAML flow style
 
 
 def expand(plan: SweepPlan) -> list[Child]:

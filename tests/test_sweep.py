@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 
@@ -9,8 +10,8 @@ import pytest
 from conftest import TINY_CONFIG, run_cli
 
 from semi_llie.compare import mean_std
-from semi_llie.errors import UserError
-from semi_llie.sweep import SweepPlan, expand, parse_grid_item
+from semi_llie.errors import ConfigError, UserError
+from semi_llie.sweep import SweepPlan, expand, parse_grid_item, resolve_plan
 
 
 def test_grid_values_split_on_top_level_commas_only():
@@ -38,6 +39,30 @@ def test_children_are_the_grid_product_times_the_seeds_in_order():
     ]
     assert children[0].group() == "a=1, b.c=x"
     assert len({c.folder_name() for c in children}) == 12
+
+
+def test_a_spec_file_plans_the_same_sweep_as_flags_and_the_folder_alone_continues_it(tmp_path):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(
+        f"config: {TINY_CONFIG}\nout: {tmp_path / 'out'}\nseeds: 2\n"
+        "grid: {optim.lr: [0.001, 0.0002], optim.milestones: [[1, 2], [3]]}\nset: [train.max_steps=3]\n"
+    )
+    empty = dict(
+        out=None, config=None, spec=None, grid=[], seeds=None, set=[], evaluate_split=None, launcher=None
+    )
+    out, plan = resolve_plan(argparse.Namespace(**{**empty, "spec": spec}))
+    assert plan.grid == {"optim.lr": ["0.001", "0.0002"], "optim.milestones": ["[1, 2]", "[3]"]}
+    assert len(expand(plan)) == 2 * 2 * 2 and plan.overrides == ["train.max_steps=3"]
+    flags = argparse.Namespace(**{
+        **empty, "out": tmp_path / "out", "config": TINY_CONFIG, "seeds": 2, "set": ["train.max_steps=3"],
+        "grid": ["optim.lr=0.001,0.0002", "optim.milestones=[1, 2],[3]"],
+    })  # fmt: skip
+    assert resolve_plan(flags)[1] == plan  # the same plan: accepted for the same folder
+    assert resolve_plan(argparse.Namespace(**{**empty, "out": out}))[1] == plan
+    with pytest.raises(UserError, match="differs in seeds"):
+        resolve_plan(argparse.Namespace(**{**vars(flags), "seeds": 3}))
+    with pytest.raises(ConfigError, match="optim.lr"):  # every child's config is validated before any runs
+        resolve_plan(argparse.Namespace(**{**vars(flags), "out": tmp_path / "bad", "grid": ["optim.lr=-1"]}))
 
 
 def test_mean_std_is_the_sample_standard_deviation():
