@@ -12,8 +12,8 @@ python=.venv/bin/python
 bin=$(dirname "$python")
 # The house stays as drawn: every third-party import declared in pyproject.toml, and the package's floors
 # kept (pyproject.toml [tool.deptry], [tool.importlinter]; ARCHITECTURE.md). A few seconds.
-"$python" -m deptry . >/dev/null || { "$python" -m deptry .; exit 1; }
-"$bin/lint-imports" --no-cache >/dev/null || { "$bin/lint-imports" --no-cache; exit 1; }
+"$python" -m deptry . >/dev/null 2>&1 || { "$python" -m deptry .; exit 1; }
+"$bin/lint-imports" --no-cache >/dev/null 2>&1 || { "$bin/lint-imports" --no-cache; exit 1; }
 options=(-q --durations=15)
 # A hung end-to-end test (a daemon that never answers) fails after 15 minutes instead of stalling CI.
 "$python" -c 'import pytest_timeout' 2>/dev/null && options+=(--timeout=900)
