@@ -8,7 +8,8 @@ no-reference score ranks candidates the way PSNR does (issue #17, docs/results/l
 For every unlabeled sample of the shards whose stem has a ground truth in --high (with `shards build
 --labeled-fraction`, the lows of the pairs that lost their label), at the training view (resized to
 --size square, as the trainer's weak view):
-  * PSNR against the ground truth of the teacher's pseudo-label teacher(weak), of the student's
+  * PSNR against the ground truth of the teacher's pseudo-label teacher(weak), of the teacher averaged
+    over the 8 symmetries of the view (a test-time-augmented pseudo-label), of the student's
     student(weak), and of the student's outputs on strong views (the paper's and the `lowlight` ones);
   * for each no-reference metric available offline (PIQE; NIQE with the pristine-model parameters that
     ship in basicsr's sdist), how often it orders two candidates of the same image as PSNR does (pairwise
@@ -33,7 +34,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from semi_llie.data.augment import resize_square, strong_view  # noqa: E402
+from semi_llie.data.augment import dihedral, resize_square, strong_view  # noqa: E402
 from semi_llie.modelio import load_enhancer  # noqa: E402
 
 NIQE_MEMBER = "basicsr/metrics/niqe_pris_params.npz"
@@ -74,6 +75,12 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(np.corrcoef(rank_x, rank_y)[0, 1])
 
 
+def undo_dihedral(image: torch.Tensor, index: int) -> torch.Tensor:
+    """The inverse of `dihedral(·, index)`: undo the flip, then the quarter turns."""
+    image = image.flip(-1) if index >= 4 else image
+    return torch.rot90(image, -(index % 4), dims=(-2, -1))
+
+
 def read_uint8(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
 
@@ -112,6 +119,10 @@ def main() -> None:
             with torch.no_grad():
                 candidates["teacher(weak)"] = teacher(weak)
                 candidates["student(weak)"] = student(weak)
+                # A candidate pseudo-label: the teacher averaged over the 8 symmetries of the view (TTA).
+                candidates["teacher(weak, 8-fold TTA)"] = torch.stack(
+                    [undo_dihedral(teacher(dihedral(weak, k)), k) for k in range(8)]
+                ).mean(0)
                 for kind, view in itertools.product(("paper", "lowlight"), range(args.views)):
                     strong = strong_view(weak[0], generator, kind)[None]
                     candidates[f"student(strong {kind})#{view}"] = student(strong)
