@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 
 import pytest
@@ -11,7 +12,16 @@ from conftest import TINY_CONFIG, run_cli
 
 from semi_llie.compare import mean_std
 from semi_llie.errors import ConfigError, UserError
-from semi_llie.sweep import SweepPlan, expand, parse_grid_item, resolve_plan
+from semi_llie.sweep import (
+    DONE_FILE,
+    LOCK_FILE,
+    SweepPlan,
+    child_dir,
+    expand,
+    parse_grid_item,
+    resolve_plan,
+    run_child,
+)
 
 
 def test_grid_values_split_on_top_level_commas_only():
@@ -63,6 +73,40 @@ def test_a_spec_file_plans_the_same_sweep_as_flags_and_the_folder_alone_continue
         resolve_plan(argparse.Namespace(**{**vars(flags), "seeds": 3}))
     with pytest.raises(ConfigError, match="optim.lr"):  # every child's config is validated before any runs
         resolve_plan(argparse.Namespace(**{**vars(flags), "out": tmp_path / "bad", "grid": ["optim.lr=-1"]}))
+
+
+def _one_child_plan(tmp_path):
+    plan = SweepPlan(config=str(TINY_CONFIG), grid={"optim.lr": ["1e-3"]}, seeds=1,
+                     overrides=["tracking.enabled=false"])  # fmt: skip
+    return tmp_path / "sweep", plan, expand(plan)[0]
+
+
+def test_a_child_another_process_holds_is_skipped_and_an_interrupted_one_resumes(tmp_path, monkeypatch):
+    from semi_llie import checkpointing, sweep
+
+    out, plan, child = _one_child_plan(tmp_path)
+    commands = []
+
+    def record(argv, log):  # stands in for the training subprocess
+        commands.append(argv)
+        return 1
+
+    monkeypatch.setattr(sweep, "_run_logged", record)
+    folder = child_dir(out, child)
+    folder.mkdir(parents=True)
+    with (folder / LOCK_FILE).open("w") as held:  # another array task is training this child
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert run_child(out, plan, child, 1) == 0
+    assert commands == []  # nothing was started beside it
+
+    assert run_child(out, plan, child, 1) == 1  # the lock is free: it trains (here: a failing stand-in)
+    assert "--resume" not in commands[-1]
+    step = checkpointing.checkpoints_root(folder) / "step-2"  # it was interrupted after a checkpoint
+    step.mkdir(parents=True)
+    (step / checkpointing.STATE_FILE).write_text(checkpointing.TrainerState(step=2).to_json())
+    run_child(out, plan, child, 1)
+    assert commands[-1][commands[-1].index("--resume") + 1] == "latest"
+    assert not (folder / DONE_FILE).exists()
 
 
 def test_mean_std_is_the_sample_standard_deviation():
