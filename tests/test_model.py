@@ -12,7 +12,7 @@ from torch import Tensor
 from semi_llie.errors import ConfigError, UserError
 from semi_llie.models import SS2D, TINY_MODEL_CONFIG, MambaLowlight, build_model, image_gradient
 from semi_llie.models.blocks import ChannelAttention, DropPath, VSSBlock
-from semi_llie.models.mambalowlight import MEAN_RGB
+from semi_llie.models.mambalowlight import MEAN_RGB, set_border_padding
 from semi_llie.models.ss2d import scan_positions
 from semi_llie.ops import selective_scan_reference
 
@@ -306,3 +306,23 @@ def test_drop_path_drops_whole_samples_only_in_training() -> None:
     assert ((per_sample == 0).all(dim=1) | (per_sample == 2).all(dim=1)).all()
     assert 0 < (per_sample[:, 0] == 0).sum() < 64
     torch.testing.assert_close(drop.eval()(x), x)
+
+
+def test_padding_is_not_in_the_state_dict_and_a_pickled_model_keeps_its_own():
+    torch.manual_seed(0)
+    zeros, reflect = tiny(padding="zeros"), tiny(padding="reflect")
+    # Weights load into either mode (the padding is not part of the state dict), and the padding is then the
+    # only difference: the zero-padded model switched to reflection computes what the reflect model does.
+    reflect.load_state_dict(zeros.state_dict())
+    switched = pickle.loads(pickle.dumps(zeros))
+    set_border_padding(switched, "reflect")
+    x = torch.rand(1, 3, 24, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(switched(x)[0], reflect(x)[0], rtol=0, atol=0)
+        assert not torch.allclose(reflect(x)[0], zeros(x)[0])
+    # A model pickled with zero padding (as MLflow stored models before `padding` existed) keeps it.
+    restored = pickle.loads(pickle.dumps(zeros))
+    convs = [m for m in restored.modules() if isinstance(m, torch.nn.Conv2d) and max(m.padding) > 0]
+    assert convs and all(conv.padding_mode == "zeros" for conv in convs)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x)[0], zeros(x)[0])
