@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from semi_llie import bank_store
-from semi_llie.bank import BankEntry, ReliableBank, to_pixels
-from semi_llie.scoring import FunctionScorer
+from semi_llie.engine import bank_store
+from semi_llie.method.bank import BankEntry, ReliableBank, to_pixels
+from semi_llie.metrics.scorers import FunctionScorer
 
 SCORER = FunctionScorer(lambda x: x.mean(dim=(1, 2, 3)), name="brightness")
 

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from semi_llie.baselines import BASELINES, score_baselines
 from semi_llie.errors import UserError
+from semi_llie.inference.classic import BASELINES, score_baselines
 
 COLUMNS = ("psnr", "ssim", "psnr_y", "ssim_y", "psnr_gtmean")
 

@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from semi_llie.allocator import keep_freed_memory
-from semi_llie.modelio import Enhancer
+from semi_llie.engine.allocator import keep_freed_memory
+from semi_llie.inference.tiling import TilePlan, activation_bytes_per_pixel, enhance_image
 from semi_llie.models import TINY_MODEL_CONFIG, MambaLowlight, build_model
-from semi_llie.tiling import TilePlan, activation_bytes_per_pixel, enhance_image
+from semi_llie.models.enhancer import Enhancer
 
 
 def size(text: str) -> tuple[int, int]:

@@ -35,10 +35,10 @@ from scan import measure as measure_scan  # noqa: E402
 from train_step import mean_teacher_step  # noqa: E402
 
 from semi_llie.losses import build_objective  # noqa: E402
-from semi_llie.modelio import Enhancer  # noqa: E402
+from semi_llie.method.teacher import EMATeacher  # noqa: E402
 from semi_llie.models import build_model  # noqa: E402
+from semi_llie.models.enhancer import Enhancer  # noqa: E402
 from semi_llie.ops import kernel_available  # noqa: E402
-from semi_llie.teacher import EMATeacher  # noqa: E402
 
 PAPER_MODEL = {"type": "MambaLowlight"}  # METHOD §1 defaults, as lol_v1.yaml
 NO_RAM = {"ram_perceptual": {"loss_weight": 0}, "contrastive": {"loss_weight": 0}}

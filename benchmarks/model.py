@@ -99,7 +99,7 @@ def main() -> int:
     if args.child:
         import torch
 
-        from semi_llie.allocator import keep_freed_memory
+        from semi_llie.engine.allocator import keep_freed_memory
 
         if not args.glibc_malloc:
             keep_freed_memory()

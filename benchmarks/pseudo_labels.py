@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from semi_llie.data.augment import dihedral, resize_square, strong_view  # noqa: E402
-from semi_llie.modelio import load_enhancer  # noqa: E402
+from semi_llie.data.images import load_rgb8  # noqa: E402
+from semi_llie.inference.loading import load_enhancer  # noqa: E402
 
 NIQE_MEMBER = "basicsr/metrics/niqe_pris_params.npz"
 
@@ -82,7 +82,7 @@ def undo_dihedral(image: torch.Tensor, index: int) -> torch.Tensor:
 
 
 def read_uint8(path: Path) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
+    return torch.from_numpy(load_rgb8(path).copy()).permute(2, 0, 1)
 
 
 def main() -> None:

@@ -27,8 +27,8 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from semi_llie.losses import build_objective
+from semi_llie.method.teacher import EMATeacher
 from semi_llie.models import build_model
-from semi_llie.teacher import EMATeacher
 
 PROJECT = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((PROJECT / "configs" / "tiny_test.yaml").read_text())

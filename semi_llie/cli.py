@@ -12,7 +12,7 @@ import logging
 import sys
 
 from semi_llie import __version__
-from semi_llie.allocator import keep_freed_memory
+from semi_llie.engine.allocator import keep_freed_memory
 from semi_llie.errors import UserError
 
 # (command words, implementing module, one-line help)

@@ -2,7 +2,7 @@
 
 Runs come from an experiment (`--experiment`), are named (`--run-ids`), or are the children of a sweep
 (`--sweep DIR` or `--parent RUN_ID`). The table shows each run's best value of every `--metric` (maximum,
-or minimum for metrics whose name marks them lower-is-better, such as losses), with its step, and the
+or minimum for losses and what semi_llie.metrics.table marks lower-is-better), with its step, and the
 parameters that differ between the runs plus a few that always matter. Runs tagged with a sweep cell
 (`semi-llie sweep`) are also grouped by it: a second table gives each cell's mean ± sample std (n − 1) and
 its range over the seeds, and the plot shows every seed's value around the cell's mean.
@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from semi_llie.errors import UserError
+from semi_llie.metrics.table import lower_is_better
 
 DEFAULT_METRICS = ("val/psnr", "val/ssim")
 # Shown even when equal across runs: they say what was trained, and for how long.
 KEY_PARAMS = ("model.embed_dim", "optim.lr", "train.max_steps", "data.batch_size_labeled", "bank.enabled")
-# Metric names containing one of these are minimised; every other metric (PSNR, SSIM, MUSIQ...) is maximised.
-LOWER_BETTER_MARKERS = ("loss", "lpips", "niqe", "piqe", "brisque")
 RUN_ID_WIDTH = 8
 
 
@@ -65,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
     import mlflow
-    from semi_llie.tracking import resolve_tracking_uri
+    from semi_llie.engine.tracking import resolve_tracking_uri
 
     parent, tracking_uri = args.parent, args.tracking_uri
     if args.sweep is not None:
@@ -101,10 +100,6 @@ def main(args: argparse.Namespace) -> int:
     print(markdown, end="")
     print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
     return 0
-
-
-def lower_is_better(metric: str) -> bool:
-    return any(marker in metric.lower() for marker in LOWER_BETTER_MARKERS)
 
 
 def fetch_runs(
@@ -153,7 +148,7 @@ def group_runs(runs: list[RunSummary]) -> dict[str, list[RunSummary]]:
 
     Runs of several sweeps (e.g. `--experiment`) are grouped by sweep and cell: `<sweep> | <cell>`.
     """
-    from semi_llie.tracking import GROUP_TAG, SWEEP_TAG
+    from semi_llie.engine.tracking import GROUP_TAG, SWEEP_TAG
 
     tagged = [run for run in runs if GROUP_TAG in run.tags]
     several = len({run.tags.get(SWEEP_TAG) for run in tagged}) > 1

@@ -19,34 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from semi_llie.enhance import (
-    IMAGE_SUFFIXES,
-    UnreadableImageError,
-    add_model_arguments,
-    model_from_args,
-    read_image,
-    write_image,
-)
+from semi_llie.data.images import BadImageError, read_image, write_image
+from semi_llie.data.problems import SkippableInputError
+from semi_llie.data.sources import images_by_stem, pairs_by_stem
 from semi_llie.errors import UserError
-from semi_llie.metrics import WEIGHTED_METRICS, FullReferenceMetrics, WeightedMetrics
-from semi_llie.modelio import Enhancer
-from semi_llie.tiling import TilePlan, activation_bytes_per_pixel, enhance_image
+from semi_llie.inference.cli_args import add_model_arguments, model_from_args
+from semi_llie.inference.tiling import TilePlan, activation_bytes_per_pixel, enhance_image
+from semi_llie.metrics.evaluation import EvalSample, means, metric_names, samples_of, score_split
+from semi_llie.metrics.full_reference import FullReferenceMetrics
+from semi_llie.metrics.pyiqa_metrics import PyiqaMetrics
+from semi_llie.metrics.table import lower_is_better
+from semi_llie.models.enhancer import Enhancer
 
 PER_IMAGE_CSV = "per_image.csv"
 SUMMARY_JSON = "summary.json"
-
-
-@dataclass
-class EvalSample:
-    key: str
-    low: Tensor  # 1×3×H×W in [0, 1]
-    high: Tensor | None  # 1×3×H×W, None without ground truth
-    illum: Tensor | None = None  # 1×3×H×W precomputed map from the shards, None elsewhere
 
 
 @dataclass
@@ -83,44 +73,69 @@ def main(args: argparse.Namespace) -> int:
     full_reference = (
         FullReferenceMetrics(crop_border=args.crop_border) if source.description["paired"] else None
     )
-    weighted = WeightedMetrics(device=args.device)
-    for line in weighted.skipped.values():
+    learned = PyiqaMetrics(device=args.device)
+    for line in learned.skipped.values():
         print(line, file=sys.stderr)
-    images_dir = args.out / "images" if args.save_images else None
     plan_options = {"max_memory_mb": args.max_memory, "tile": args.tile, "overlap": args.overlap}
-    rows = []
-    for sample in tqdm(source.samples, total=source.count, desc="evaluate", unit="img", disable=None):
-        rows.append(
-            score_sample(enhancer, sample, full_reference, weighted, plan_options, args.device, images_dir)
-        )
-    if not rows:
+    images_dir = args.out / "images" if args.save_images else None
+
+    def metrics(output: Tensor, high: Tensor | None) -> dict[str, float]:
+        scores = full_reference(output, high) if full_reference is not None and high is not None else {}
+        return scores | learned(output, high)
+
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def save(_: str, sample: EvalSample, output: Tensor) -> None:
+        sizes[sample.key] = tuple(sample.low.shape[-2:])
+        if images_dir is not None:
+            path = images_dir / f"{sample.key}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_image(path, output[0].permute(1, 2, 0).cpu().numpy())
+
+    samples = tqdm(source.samples, total=source.count, desc="evaluate", unit="img", disable=None)
+    enhance = model_enhancer(enhancer, plan_options, args.device)
+    per_image = score_split(samples, {"model": enhance}, metrics, save)["model"]
+    if not per_image:
         raise UserError(
             f"{source.description['location']} holds no images to evaluate; check the data options"
         )
-    means = mean_metrics(rows)
+    mean_scores = means(per_image)
     summary = {
         "model": model_source,
         "data": source.description,
-        "num_images": len(rows),
-        "metrics": means,
-        "lower_better": {name: lower_better(name) for name in means},
+        "num_images": len(per_image),
+        "metrics": mean_scores,
+        "lower_better": {name: lower_is_better(name) for name in mean_scores},
         "metric_settings": {
             "full_reference": full_reference.settings if full_reference else None,
-            "weighted": weighted.settings,
+            "weighted": learned.settings,
         },
         "inference": {"device": str(args.device), "resolution": "full (tiles blended if over budget)"}
         | plan_options,
         "elapsed_s": round(time.perf_counter() - started, 2),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    write_per_image_csv(args.out / PER_IMAGE_CSV, rows)
+    write_per_image_csv(args.out / PER_IMAGE_CSV, per_image, sizes)
     (args.out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     if args.mlflow_run_id or args.mlflow_experiment:
         run_id = log_to_mlflow(args, summary, metric_prefix(source.description))
         print(f"logged to MLflow run {run_id}")
-    print(summary_table(means, len(rows), model_source))
+    print(summary_table(mean_scores, len(per_image), model_source))
     print(f"wrote {args.out / PER_IMAGE_CSV} and {args.out / SUMMARY_JSON}")
     return 0
+
+
+def model_enhancer(enhancer: Enhancer, plan_options: dict[str, Any], device: str | torch.device):
+    """The evaluation loop's view of a model: a sample enhanced at full resolution, tiled if over budget."""
+    bytes_per_pixel = activation_bytes_per_pixel(enhancer)
+
+    def enhance(sample: EvalSample) -> Tensor:
+        height, width = sample.low.shape[-2:]
+        plan = TilePlan.for_image(height, width, bytes_per_pixel, **plan_options)
+        illum = sample.illum.to(device) if sample.illum is not None and enhancer.needs_illumination else None
+        return enhance_image(enhancer, sample.low.to(device), plan, illum)  # 1×3×H×W
+
+    return enhance
 
 
 def open_data(args: argparse.Namespace) -> DataSource:
@@ -138,10 +153,7 @@ def shard_source(location: str, split: str, subset: str | None) -> DataSource:
     shards = manifest.shards_of(split, subset)
     paired = bool(shards) and all(shard.has_high for shard in shards)
 
-    def samples() -> Iterator[EvalSample]:
-        for batch in eval_loader(manifest, split, subset=subset):
-            high = batch.get("high") if paired else None
-            yield EvalSample(batch["key"][0], batch["low"], high, batch.get("illum"))
+    samples = samples_of(eval_loader(manifest, split, subset=subset), paired)
 
     description = {
         "kind": "shards",
@@ -150,26 +162,18 @@ def shard_source(location: str, split: str, subset: str | None) -> DataSource:
         "subset": subset,
         "paired": paired,
     }
-    return DataSource(description, manifest.num_samples(split, subset), samples())
+    return DataSource(description, manifest.num_samples(split, subset), samples)
 
 
 def pair_source(low_dir: Path, high_dir: Path) -> DataSource:
-    lows, highs = image_files(low_dir), image_files(high_dir)
-    missing_high, missing_low = sorted(set(lows) - set(highs)), sorted(set(highs) - set(lows))
-    if missing_high or missing_low:
-        example = (missing_high or missing_low)[0]
-        raise UserError(
-            f"--pairs {low_dir} {high_dir}: {len(missing_high)} low image(s) without a high one and "
-            f"{len(missing_low)} high image(s) without a low one (e.g. {example!r}); pair every file by stem"
-        )
-    stems = sorted(lows)
+    pairs = pairs_by_stem(low_dir, high_dir, on_problem=refuse_unpaired)
 
     def samples() -> Iterator[EvalSample]:
-        for stem in stems:
-            low, high = load_tensor(lows[stem]), load_tensor(highs[stem])
+        for stem, low_path, high_path in pairs:
+            low, high = load_tensor(low_path), load_tensor(high_path)
             if low.shape != high.shape:
                 raise UserError(
-                    f"{lows[stem]} is {tuple(low.shape[-2:])} but {highs[stem]} is {tuple(high.shape[-2:])}; "
+                    f"{low_path} is {tuple(low.shape[-2:])} but {high_path} is {tuple(high.shape[-2:])}; "
                     "a pair must have one size"
                 )
             yield EvalSample(stem, low, high)
@@ -180,96 +184,47 @@ def pair_source(low_dir: Path, high_dir: Path) -> DataSource:
         "low": str(low_dir),
         "high": str(high_dir),
     }
-    return DataSource(description | {"paired": True}, len(stems), samples())
+    return DataSource(description | {"paired": True}, len(pairs), samples())
+
+
+def refuse_unpaired(problem: SkippableInputError) -> None:
+    raise UserError(f"{problem.reason}; pair every file by stem (evaluation never skips an input)")
 
 
 def unpaired_source(folder: Path) -> DataSource:
-    files = image_files(folder)
-    stems = sorted(files)
+    files = images_by_stem(folder, on_problem=refuse_unpaired)
 
     def samples() -> Iterator[EvalSample]:
-        for stem in stems:
-            yield EvalSample(stem, load_tensor(files[stem]), None)
+        for stem, path in files.items():
+            yield EvalSample(stem, load_tensor(path), None)
 
-    return DataSource({"kind": "unpaired", "location": str(folder), "paired": False}, len(stems), samples())
-
-
-def image_files(folder: Path) -> dict[str, Path]:
-    """stem -> image file of `folder`; two files with one stem are ambiguous and refused."""
-    if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder; pass a folder of images")
-    files: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            if path.stem in files:
-                raise UserError(
-                    f"{files[path.stem]} and {path} share the stem {path.stem!r}; keep one of them"
-                )
-            files[path.stem] = path
-    return files
+    return DataSource({"kind": "unpaired", "location": str(folder), "paired": False}, len(files), samples())
 
 
 def load_tensor(path: Path) -> Tensor:
     """Image file -> 1×3×H×W float32 in [0, 1]; an unreadable file is an error, never skipped."""
     try:
-        pixels = read_image(path).pixels
-    except UnreadableImageError as err:
-        raise UserError(f"{path}: {err}; remove or replace it") from err
+        pixels = read_image(path).to_float()
+    except BadImageError as err:
+        raise UserError(f"{path}: {err.reason}; remove or replace it") from err
     return torch.from_numpy(pixels).permute(2, 0, 1)[None]
 
 
-def score_sample(
-    enhancer: Enhancer,
-    sample: EvalSample,
-    full_reference: FullReferenceMetrics | None,
-    weighted: WeightedMetrics,
-    plan_options: dict[str, Any],
-    device: str | torch.device,
-    images_dir: Path | None,
-) -> dict[str, Any]:
-    """Enhance one sample at full resolution and score it -> one CSV row."""
-    height, width = sample.low.shape[-2:]
-    plan = TilePlan.for_image(height, width, activation_bytes_per_pixel(enhancer), **plan_options)
-    illum = sample.illum.to(device) if sample.illum is not None and enhancer.needs_illumination else None
-    output = enhance_image(enhancer, sample.low.to(device), plan, illum).float()  # 1×3×H×W
-    high = sample.high.to(output.device) if sample.high is not None else None
-    row: dict[str, Any] = {"key": sample.key, "height": height, "width": width}
-    if full_reference is not None and high is not None:
-        row |= full_reference(output, high)
-    row |= weighted(output, high)
-    if images_dir is not None:
-        images_dir.mkdir(parents=True, exist_ok=True)
-        write_image(images_dir / f"{sample.key}.png", output[0].permute(1, 2, 0).cpu().numpy())
-    return row
-
-
-def metric_names(rows: list[dict[str, Any]]) -> list[str]:
-    names: dict[str, None] = {}
-    for row in rows:
-        names.update(dict.fromkeys(k for k in row if k not in ("key", "height", "width")))
-    return list(names)
-
-
-def mean_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
-    return {name: float(np.mean([row[name] for row in rows if name in row])) for name in metric_names(rows)}
-
-
-def lower_better(name: str) -> bool:
-    return name in WEIGHTED_METRICS and WEIGHTED_METRICS[name].lower_better
-
-
-def write_per_image_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_per_image_csv(
+    path: Path, per_image: dict[str, dict[str, float]], sizes: dict[str, tuple[int, int]]
+) -> None:
     with path.open("w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=["key", "height", "width", *metric_names(rows)])
+        writer = csv.DictWriter(stream, fieldnames=["key", "height", "width", *metric_names(per_image)])
         writer.writeheader()
-        writer.writerows(rows)
+        for key, row in per_image.items():
+            writer.writerow({"key": key, "height": sizes[key][0], "width": sizes[key][1], **row})
 
 
 def summary_table(means: dict[str, float], count: int, model_source: str) -> str:
     lines = [f"{model_source}: {count} image(s)", f"{'metric':<14}{'mean':>12}  better"]
     for name, value in means.items():
         shown = f"{value:.4f}" if math.isfinite(value) else str(value)
-        lines.append(f"{name:<14}{shown:>12}  {'lower' if lower_better(name) else 'higher'}")
+        lines.append(f"{name:<14}{shown:>12}  {'lower' if lower_is_better(name) else 'higher'}")
     return "\n".join(lines)
 
 
@@ -284,7 +239,7 @@ def log_to_mlflow(args: argparse.Namespace, summary: dict[str, Any], prefix: str
     from mlflow.exceptions import MlflowException
 
     import mlflow
-    from semi_llie.tracking import artifact_location, resolve_tracking_uri
+    from semi_llie.engine.tracking import artifact_location, resolve_tracking_uri
 
     store = resolve_tracking_uri(args.tracking_uri)
     client = mlflow.MlflowClient(store)

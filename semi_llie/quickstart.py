@@ -2,11 +2,11 @@
 
 Stages, each the same command a user would run on real data (the summary lists them):
 
-1. synthesise a low-light dataset from scikit-image's bundled photos   (semi_llie.synthetic)
+1. synthesise a low-light dataset from scikit-image's bundled photos   (semi_llie.data.synthetic)
 2. pack it into WebDataset shards                                     (semi-llie shards build)
 3. train configs/quickstart.yaml with every part of the method on      (semi-llie train, in a subprocess)
 4. evaluate the registered champion on the val split                  (semi-llie evaluate --model-uri ...)
-5. score the classic baselines on the same split                       (semi_llie.baselines)
+5. score the classic baselines on the same split                       (semi_llie.inference.classic)
 6. enhance the val inputs with the champion                            (semi-llie enhance --model-uri ...)
 7. draw a before/after grid, write summary.json, print where everything is
 
@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
+from semi_llie.data.images import read_image
 from semi_llie.errors import UserError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -87,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
         return result
 
     from semi_llie.config import load_config
-    from semi_llie.synthetic import make_dataset
+    from semi_llie.data.synthetic import make_dataset
 
     config = load_config(args.config)
     model_uri = f"models:/{config.tracking.registered_model_name}@{config.tracking.alias}"
@@ -203,7 +203,7 @@ def _train(argv: list[str], layout: QuickstartLayout) -> None:
 
 
 def _score_baselines(layout: QuickstartLayout) -> dict[str, dict[str, float]]:
-    from semi_llie.baselines import score_baselines
+    from semi_llie.inference.classic import score_baselines
 
     scores = score_baselines(layout.shards, "val")
     layout.baselines.write_text(json.dumps(scores, indent=2) + "\n")
@@ -217,7 +217,7 @@ def write_grid(layout: QuickstartLayout, rows: int = GRID_ROWS) -> None:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    from semi_llie.baselines import gamma_correction, histogram_equalization
+    from semi_llie.inference.classic import gamma_correction, histogram_equalization
 
     names = sorted(p.name for p in (layout.data / "val" / "input").iterdir())[:rows]
     titles = ("low-light input", "gamma correction", "histogram eq.", "Semi-LLIE (champion)", "ground truth")
@@ -255,7 +255,7 @@ def _enhanced_path(folder: Path, name: str) -> Path:
 
 def _read(path: Path) -> np.ndarray:
     """H×W×3 float32 in [0, 1]."""
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    return read_image(path).to_float()
 
 
 def champion_version(tracking_uri: str, model_name: str, alias: str) -> dict[str, str]:

@@ -39,9 +39,9 @@ from typing import Any
 
 import yaml
 
-from semi_llie.distributed import PREEMPTED_EXIT_CODE
+from semi_llie.engine.distributed import PREEMPTED_EXIT_CODE
+from semi_llie.engine.tracking import GROUP_TAG, SEED_TAG, SWEEP_TAG
 from semi_llie.errors import UserError
-from semi_llie.tracking import GROUP_TAG, SEED_TAG, SWEEP_TAG
 
 PLAN_FILE = "sweep.json"
 DONE_FILE = "sweep_done.json"
@@ -276,7 +276,7 @@ def load_plan(out: Path) -> SweepPlan | None:
 
 
 def save_plan(out: Path, plan: SweepPlan) -> None:
-    from semi_llie.checkpointing import write_text_atomic
+    from semi_llie.fileio import write_text_atomic
 
     write_text_atomic(out / PLAN_FILE, json.dumps(asdict(plan), indent=1) + "\n")
 
@@ -289,7 +289,7 @@ def ensure_parent_run(out: Path, plan: SweepPlan) -> None:
     if not cfg.enabled:
         return
     import mlflow
-    from semi_llie.tracking import artifact_location, resolve_tracking_uri
+    from semi_llie.engine.tracking import artifact_location, resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.tracking_uri)
     if uri.startswith("sqlite:///"):
@@ -329,7 +329,8 @@ def run_child(out: Path, plan: SweepPlan, child: Child, total: int) -> int:
 
 
 def _train_and_evaluate(out: Path, plan: SweepPlan, child: Child, cfg, total: int) -> int:
-    from semi_llie.checkpointing import latest_checkpoint, write_text_atomic
+    from semi_llie.engine.checkpointing import latest_checkpoint
+    from semi_llie.fileio import write_text_atomic
 
     folder = child_dir(out, child)
     if (folder / DONE_FILE).is_file():  # finished by another process while this one waited to look

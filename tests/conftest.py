@@ -19,7 +19,7 @@ def tiny_shards(tmp_path_factory) -> Path:
 
     Two shards per training split so that two ranks read disjoint shards, as on a cluster.
     """
-    from semi_llie.synthetic import make_dataset
+    from semi_llie.data.synthetic import make_dataset
 
     root = tmp_path_factory.mktemp("tiny-dataset")
     make_dataset(root / "images", n_labeled=8, n_unlabeled=8, n_val=2, size=48)

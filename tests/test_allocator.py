@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from semi_llie import allocator
+from semi_llie.engine import allocator
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")

@@ -8,10 +8,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from semi_llie import bank_store, checkpointing
-from semi_llie.bank import BankEntry, ReliableBank, quantize
+from semi_llie.engine import bank_store, checkpointing
 from semi_llie.errors import UserError
-from semi_llie.scoring import FunctionScorer, PyiqaScorer
+from semi_llie.fileio import write_text_atomic
+from semi_llie.method.bank import BankEntry, ReliableBank, quantize
+from semi_llie.metrics.scorers import FunctionScorer, PyiqaScorer
 
 torch.set_num_threads(1)
 
@@ -220,7 +221,7 @@ def test_rotation_deletes_segments_no_kept_checkpoint_needs(tmp_path):
         save(accelerator, bank, root, step)
         (root / f"step-{step}" / checkpointing.STATE_FILE).write_text("{}")
     (root / bank_store.SEGMENTS / "00000005-r0-dead.seg").write_bytes(b"left by a killed save")
-    checkpointing.write_text_atomic(root / "latest", "step-4\n")
+    write_text_atomic(root / "latest", "step-4\n")
     checkpointing.rotate(tmp_path, total_limit=1)
     remaining = sorted(p.name for p in (root / bank_store.SEGMENTS).iterdir())
     assert remaining == sorted(bank_store.referenced_segments([root / "step-4"]))
@@ -238,3 +239,30 @@ def test_pyiqa_piqe_scorer_works_offline_and_is_lower_better():
     result = bank.update(["a", "b"], indices(2), smooth, torch.rand(2, 3, 64, 64), step=0)
     assert result.positives.shape == (2, 3, 64, 64)
     assert set(bank.keys()) == {k for k, ok in zip(["a", "b"], result.accepted.tolist(), strict=True) if ok}
+
+
+def test_the_bank_is_built_from_its_config_block_through_the_scorer_registry(monkeypatch):
+    from semi_llie.config import BankConfig
+    from semi_llie.errors import ConfigError
+    from semi_llie.metrics import scorers
+
+    monkeypatch.setitem(scorers.SCORERS, "darkness", lambda device, batch_size: brightness(lower_better=True))
+    bank = ReliableBank.from_config(BankConfig(metric="darkness"), rank=2)
+    assert bank.scorer.name == "brightness" and bank.scorer.lower_better and bank.rank == 2
+    assert ReliableBank.from_config(BankConfig(metric="piqe", score_batch_size=3)).scorer.batch_size == 3
+    with pytest.raises(ConfigError, match="not a registered scorer"):
+        ReliableBank.from_config(BankConfig(metric="psnr"))  # full-reference: it cannot score a candidate
+
+
+def test_the_bank_counts_its_decisions_per_logging_window():
+    bank = ReliableBank(brightness())
+    bank.update(["a", "b"], indices(2), flat(0.6, 0.2), flat(0.4, 0.4), step=1)  # a accepted, b not
+    assert bank.take_window() == {"bank_seen": 2.0, "bank_accepted": 1.0}
+    bank.update(["c"], indices(1, 2), flat(float("nan")), flat(0.4), step=2)
+    bank.update(["c"], indices(1, 2), flat(0.9), flat(0.4), step=3)
+    assert bank.take_window() == {
+        "bank_seen": 1.0,
+        "bank_accepted": 1.0,
+    }  # the non-finite batch is not decided
+    assert (bank.seen, bank.accepted, bank.nonfinite_batches) == (3, 2, 1)
+    assert bank.take_window() == {"bank_seen": 0.0, "bank_accepted": 0.0}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from semi_llie.baselines import BASELINES, gamma_correction, histogram_equalization, luminance
+from semi_llie.inference.classic import BASELINES, gamma_correction, histogram_equalization, luminance
 
 
 def _dark_batch() -> torch.Tensor:
@@ -62,7 +62,7 @@ def test_every_baseline_keeps_shape_and_range(name):
 
 
 def test_score_baselines_on_a_shard_split(tiny_shards):
-    from semi_llie.baselines import score_baselines
+    from semi_llie.inference.classic import score_baselines
 
     scores = score_baselines(tiny_shards, "val")
     assert set(scores) == {"input", "gamma", "histeq", "settings"}

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from semi_llie import cli
-from semi_llie.compare import RunSummary, group_runs, group_table, lower_is_better, shown_params
+from semi_llie.compare import RunSummary, group_runs, group_table, shown_params
+from semi_llie.metrics.table import lower_is_better
 
 CURVES = {"slow": ("0.0001", [10.0, 14.0, 13.0], 0.5), "fast": ("0.0002", [12.0, 15.5, 16.0], 0.0)}
 

@@ -13,11 +13,12 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from semi_llie import cli
-from semi_llie.enhance import apply_exif_orientation, read_image, write_image
+from semi_llie.data.images import apply_exif_orientation, read_image, write_image
 from semi_llie.errors import UserError
-from semi_llie.modelio import Enhancer, illumination_maps, load_enhancer
+from semi_llie.inference.loading import load_enhancer
+from semi_llie.inference.tiling import TilePlan, blend_window, enhance_image, tile_starts
 from semi_llie.models import TINY_MODEL_CONFIG, build_model
-from semi_llie.tiling import TilePlan, blend_window, enhance_image, tile_starts
+from semi_llie.models.enhancer import Enhancer, illumination_maps
 
 torch.set_num_threads(1)
 
@@ -171,6 +172,33 @@ def test_load_enhancer_errors_name_the_problem(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_model_pickled_before_the_rooms_still_loads(tmp_path: Path) -> None:
+    """Registered models pickle the Enhancer by reference; before the package had rooms it lived in
+    semi_llie.modelio. Rewrite a saved model's pickle to that old name and load it as MLflow would."""
+    import zipfile
+
+    import mlflow.pytorch
+
+    enhancer = Enhancer(build_model(TINY_MODEL_CONFIG)).eval()
+    folder = tmp_path / "model"
+    mlflow.pytorch.save_model(enhancer, folder, serialization_format="pickle", pip_requirements=[])
+    weights = next((tmp_path / "model").rglob("model.pth"))
+    with zipfile.ZipFile(weights) as archive:
+        members = {info: archive.read(info) for info in archive.infolist()}
+    new_name, old_name = b"semi_llie.models.enhancer\nEnhancer\n", b"semi_llie.modelio\nEnhancer\n"
+    pickles = [info for info in members if info.filename.endswith("data.pkl")]
+    assert len(pickles) == 1 and new_name in members[pickles[0]]  # protocol 2: the class path as text
+    members[pickles[0]] = members[pickles[0]].replace(new_name, old_name)
+    with zipfile.ZipFile(weights, "w") as archive:
+        for info, data in members.items():
+            archive.writestr(info, data)
+
+    loaded = mlflow.pytorch.load_model(str(tmp_path / "model"))
+    assert type(loaded) is Enhancer
+    x = torch.rand(1, 3, 20, 28)
+    torch.testing.assert_close(loaded(x), enhancer(x), rtol=0, atol=0)
+
+
 def test_load_enhancer_from_mlflow_model_uri(tmp_path: Path) -> None:
     import mlflow.pytorch
 
@@ -223,7 +251,7 @@ def test_exif_orientation_matches_pillow(tmp_path: Path, orientation: int) -> No
     with Image.open(path) as stored:
         expected = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"))
     np.testing.assert_array_equal(apply_exif_orientation(pixels, orientation), expected)
-    np.testing.assert_array_equal(np.round(read_image(path).pixels * 255).astype(np.uint8), expected)
+    np.testing.assert_array_equal(read_image(path).pixels, expected)
 
 
 def test_sixteen_bit_and_grayscale_inputs_keep_their_precision(tmp_path: Path) -> None:
@@ -231,8 +259,9 @@ def test_sixteen_bit_and_grayscale_inputs_keep_their_precision(tmp_path: Path) -
     cv2.imwrite(str(tmp_path / "rgb16.png"), rgb16[:, :, ::-1])
     loaded = read_image(tmp_path / "rgb16.png")
     assert loaded.bit_depth == 16
-    np.testing.assert_array_equal(np.round(loaded.pixels * 65535).astype(np.uint16), rgb16)
-    write_image(tmp_path / "out.png", loaded.pixels, loaded.bit_depth)
+    np.testing.assert_array_equal(loaded.pixels, rgb16)
+    np.testing.assert_allclose(loaded.to_float(), rgb16 / 65535.0, atol=1e-7)
+    write_image(tmp_path / "out.png", loaded.to_float(), loaded.bit_depth)
     np.testing.assert_array_equal(
         cv2.imread(str(tmp_path / "out.png"), cv2.IMREAD_UNCHANGED)[:, :, ::-1], rgb16
     )
@@ -241,7 +270,7 @@ def test_sixteen_bit_and_grayscale_inputs_keep_their_precision(tmp_path: Path) -
     Image.fromarray(gray).save(tmp_path / "gray.png")
     loaded = read_image(tmp_path / "gray.png")
     assert loaded.pixels.shape == (5, 7, 3) and loaded.bit_depth == 8
-    np.testing.assert_allclose(loaded.pixels[:, :, 1], gray / 255.0, atol=1e-7)
+    np.testing.assert_allclose(loaded.to_float()[:, :, 1], gray / 255.0, atol=1e-7)
 
 
 def _images(folder: Path, count: int, size: tuple[int, int] = (24, 32)) -> list[Path]:

@@ -37,7 +37,7 @@ def test_deepspeed_zero1_config_is_stage_1_with_values_filled_at_run_time() -> N
     ds_config = json.loads((ROOT / settings["deepspeed_config_file"]).read_text())
     assert ds_config["zero_optimization"]["stage"] == 1
     for key in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps"):
-        assert ds_config[key] == "auto"  # semi_llie.distributed.configure_deepspeed fills them
+        assert ds_config[key] == "auto"  # semi_llie.engine.distributed.configure_deepspeed fills them
 
 
 def test_deepspeed_accepts_the_zero1_config() -> None:

@@ -14,7 +14,7 @@ import torch
 from conftest import TINY_CONFIG, run_cli
 from PIL import Image
 
-from semi_llie.modelio import load_enhancer
+from semi_llie.inference.loading import load_enhancer
 from semi_llie.models.mambalowlight import set_border_padding
 
 STEPS = 40

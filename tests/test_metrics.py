@@ -11,7 +11,8 @@ import scipy.io
 import torch
 from skimage.metrics import structural_similarity
 
-from semi_llie.metrics import FullReferenceMetrics, WeightedMetrics, gt_mean_scaled
+from semi_llie.metrics.full_reference import FullReferenceMetrics, gt_mean_scaled
+from semi_llie.metrics.pyiqa_metrics import PyiqaMetrics
 
 torch.set_num_threads(1)
 
@@ -68,7 +69,7 @@ def test_ssim_in_rgb_and_on_y_matches_scikit_image() -> None:
 def test_separable_ssim_equals_pyiqas_two_dimensional_one(y_channel: bool) -> None:
     from pyiqa.archs.ssim_arch import SSIM
 
-    from semi_llie.metrics import Y_COLOR_SPACE, SeparableSSIM
+    from semi_llie.metrics.full_reference import Y_COLOR_SPACE, SeparableSSIM
 
     generator = torch.Generator().manual_seed(3)
     gt = torch.rand(2, 3, 70, 90, generator=generator)
@@ -104,7 +105,7 @@ def empty_weight_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path
 
 
 def test_metrics_without_local_weights_are_skipped_with_a_reason(empty_weight_caches: Path) -> None:
-    metrics = WeightedMetrics(("lpips", "niqe", "musiq", "piqe"))
+    metrics = PyiqaMetrics(("lpips", "niqe", "musiq", "piqe"))
     assert metrics.names == ("piqe",)
     assert set(metrics.skipped) == {"lpips", "niqe", "musiq"}
     assert "LPIPS_v0.1_alex" in metrics.skipped["lpips"] and "alexnet" in metrics.skipped["lpips"]
@@ -121,8 +122,57 @@ def test_a_metric_whose_weights_are_cached_is_loaded_from_the_cache(empty_weight
     scipy.io.savemat(
         cache / "niqe_modelparameters.mat", {"mu_prisparam": np.zeros((1, 36)), "cov_prisparam": np.eye(36)}
     )
-    metrics = WeightedMetrics(("niqe",))
+    metrics = PyiqaMetrics(("niqe",))
     assert metrics.names == ("niqe",) and not metrics.skipped
     assert metrics.settings["niqe"]["lower_better"] is True
     image = torch.from_numpy(np.random.default_rng(0).uniform(0, 1, (1, 3, 128, 128))).float()
     assert math.isfinite(metrics(image)["niqe"])
+
+
+def test_score_split_matches_a_loop_written_here_and_means_skip_missing_metrics():
+    from semi_llie.metrics.evaluation import EvalSample, means, score_split
+
+    samples = [
+        EvalSample(f"k{i}", torch.full((1, 3, 4, 4), 0.1 * i), torch.full((1, 3, 4, 4), 0.5))
+        for i in range(3)
+    ]
+
+    def metrics(output, high):
+        scores = {"abs": float((output - high).abs().mean())}
+        if output.mean() > 0.05:
+            scores["log"] = float(output.mean().log())
+        return scores
+
+    seen = []
+    rows = score_split(
+        samples,
+        {"x": lambda s: s.low, "double": lambda s: s.low * 2},
+        metrics,
+        on_output=lambda name, sample, output: seen.append((name, sample.key)),
+    )
+    assert seen == [(n, k) for k in ("k0", "k1", "k2") for n in ("x", "double")]
+    for i, key in enumerate(("k0", "k1", "k2")):
+        assert rows["x"][key]["abs"] == pytest.approx(abs(0.1 * i - 0.5))
+        assert rows["double"][key]["abs"] == pytest.approx(abs(0.2 * i - 0.5))
+    assert "log" not in rows["x"]["k0"]
+    assert means(rows["x"]) == pytest.approx(
+        {"abs": (0.5 + 0.4 + 0.3) / 3, "log": (math.log(0.1) + math.log(0.2)) / 2}
+    )
+
+
+def test_the_metric_table_decides_directions_and_never_downloads(empty_weight_caches: Path) -> None:
+    from semi_llie.errors import ConfigError
+    from semi_llie.metrics.table import METRICS, create_pyiqa_metric, lower_is_better
+
+    assert [name for name, spec in METRICS.items() if spec.lower_better] == [
+        "lpips",
+        "niqe",
+        "piqe",
+        "brisque",
+    ]
+    assert lower_is_better("eval/test/niqe") and lower_is_better("train/loss_unsup")
+    assert not lower_is_better("val/student_psnr") and not lower_is_better("eval/unpaired/musiq")
+    for name in ("lpips", "niqe", "musiq", "brisque"):
+        with pytest.raises(ConfigError, match="not available locally"):
+            create_pyiqa_metric(name)
+    assert not list(empty_weight_caches.rglob("*.pth")) and not list(empty_weight_caches.rglob("*.mat"))

@@ -15,11 +15,11 @@ import pytest
 import torch
 from conftest import TINY_CONFIG, cli_env
 
-from semi_llie import bank_store, checkpointing
-from semi_llie.bank import ReliableBank
 from semi_llie.data import Manifest
 from semi_llie.data.streams import owner_ranks
-from semi_llie.scoring import FunctionScorer
+from semi_llie.engine import bank_store, checkpointing
+from semi_llie.method.bank import ReliableBank
+from semi_llie.metrics.scorers import FunctionScorer
 
 pytestmark = pytest.mark.slow
 PROBE = Path(__file__).with_name("train_probe.py")

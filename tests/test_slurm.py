@@ -41,7 +41,7 @@ def job_env(cluster: SlurmCluster, **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def shards(cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Shards of a tiny synthetic dataset, built by `slurm/shards.sbatch` as PARTS array tasks + merge job."""
-    from semi_llie.synthetic import make_dataset
+    from semi_llie.data.synthetic import make_dataset
 
     work = tmp_path_factory.mktemp("shards")
     make_dataset(work / "synthetic", n_labeled=6, n_unlabeled=4, n_val=2, size=48)

@@ -82,7 +82,8 @@ def _one_child_plan(tmp_path):
 
 
 def test_a_child_another_process_holds_is_skipped_and_an_interrupted_one_resumes(tmp_path, monkeypatch):
-    from semi_llie import checkpointing, sweep
+    from semi_llie import sweep
+    from semi_llie.engine import checkpointing
 
     out, plan, child = _one_child_plan(tmp_path)
     commands = []

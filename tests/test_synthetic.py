@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semi_llie.errors import UserError
-from semi_llie.synthetic import (
+from semi_llie.data.synthetic import (
     VAL_SOURCES,
     LowLightModel,
     linear_to_srgb,
@@ -17,6 +16,7 @@ from semi_llie.synthetic import (
     make_dataset,
     srgb_to_linear,
 )
+from semi_llie.errors import UserError
 
 
 def _read(path: Path) -> np.ndarray:

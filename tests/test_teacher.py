@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from semi_llie.method.teacher import EMATeacher, ema_decay
 from semi_llie.models import TINY_MODEL_CONFIG, build_model
-from semi_llie.teacher import EMATeacher, ema_decay
 
 torch.set_num_threads(1)
 

@@ -18,12 +18,13 @@ import yaml
 from conftest import PROJECT, TINY_CONFIG, cli_env, run_cli
 from torch import nn
 
-from semi_llie import checkpointing
 from semi_llie.config import TrackingConfig
 from semi_llie.data import Manifest
-from semi_llie.distributed import RanksDiverged, check_ranks_agree, state_checksum
+from semi_llie.engine import checkpointing
+from semi_llie.engine.distributed import RanksDiverged, check_ranks_agree, state_checksum
+from semi_llie.engine.tracking import Tracker
 from semi_llie.errors import ConfigError, UserError
-from semi_llie.tracking import Tracker
+from semi_llie.fileio import write_text_atomic
 
 # -- checkpoints ----------------------------------------------------------------------------------------
 
@@ -39,7 +40,7 @@ def make_step_dir(output_dir: Path, step: int, model: dict | None = None) -> Pat
 def test_latest_pointer_wins_and_rotation_keeps_it(tmp_path):
     for step in (2, 4, 6, 10):
         make_step_dir(tmp_path, step)
-    checkpointing.write_text_atomic(checkpointing.checkpoints_root(tmp_path) / "latest", "step-4\n")
+    write_text_atomic(checkpointing.checkpoints_root(tmp_path) / "latest", "step-4\n")
     assert checkpointing.latest_checkpoint(tmp_path).name == "step-4"
     deleted = checkpointing.rotate(tmp_path, total_limit=2)
     # The newest other dir survives beside the one `latest` names; numeric order, not string order.
@@ -243,9 +244,9 @@ def test_ddp_two_cpu_processes_track_register_and_share_the_bank(tmp_path, tiny_
 
     # Each rank streams its own unlabeled shard and writes only those keys: both shards are in the bank,
     # each entry written by the rank that owns its shard.
-    from semi_llie import bank_store
-    from semi_llie.bank import ReliableBank
-    from semi_llie.scoring import FunctionScorer
+    from semi_llie.engine import bank_store
+    from semi_llie.method.bank import ReliableBank
+    from semi_llie.metrics.scorers import FunctionScorer
 
     bank = ReliableBank(FunctionScorer(lambda x: x, "piqe"))
     bank_store.load(bank, latest, 1, owns=lambda indices: torch.ones_like(indices, dtype=torch.bool))
@@ -368,7 +369,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, tiny_shards):
 
 
 def test_sqlite_store_keeps_its_artifacts_beside_it(tmp_path):
-    from semi_llie.tracking import artifact_location
+    from semi_llie.engine.tracking import artifact_location
 
     assert artifact_location(f"sqlite:///{tmp_path}/db/mlflow.db") == (tmp_path / "db" / "artifacts").as_uri()
     assert artifact_location("http://127.0.0.1:5000") is None  # a server decides for itself
@@ -404,8 +405,8 @@ def test_an_undecodable_sample_mid_training_is_named_or_skipped_and_logged(tmp_p
 
 def test_the_champion_alias_goes_to_the_better_version_whatever_the_order(tmp_path):
     import mlflow
-    from semi_llie.modelio import Enhancer
     from semi_llie.models import build_model
+    from semi_llie.models.enhancer import Enhancer
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     enhancer = Enhancer(build_model({"type": "MambaLowlight", "embed_dim": 4, "depths": [1], "d_state": 2}))

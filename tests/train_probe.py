@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from semi_llie import train
 from semi_llie.cli import main
+from semi_llie.engine import run as engine_run
 
 teachers = []
 
 
-class RecordingTeacher(train.EMATeacher):
+class RecordingTeacher(engine_run.EMATeacher):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         teachers.append(self)
@@ -60,13 +60,13 @@ def forever(batch: dict):
 
 
 if __name__ == "__main__":
-    train.EMATeacher = RecordingTeacher
+    engine_run.EMATeacher = RecordingTeacher
     if "PROBE_FIXED_BATCH" in os.environ:
         total = int(os.environ["PROBE_FIXED_BATCH"])
-        train.labeled_loader = lambda location, batch_size, crop_size, *, rank, world_size, **_: forever(
+        engine_run.labeled_loader = lambda location, batch_size, crop_size, *, rank, world_size, **_: forever(
             fixed_batch(total, crop_size, rank, world_size, labeled=True)
         )
-        train.unlabeled_loader = lambda location, batch_size, size, *, rank, world_size, **_: forever(
+        engine_run.unlabeled_loader = lambda location, batch_size, size, *, rank, world_size, **_: forever(
             fixed_batch(total, size, rank, world_size, labeled=False)
         )
     code = main(["train", *sys.argv[1:]])

@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import multiprocessing
-import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -23,10 +22,11 @@ from tqdm import tqdm
 
 from semi_llie.data.illumination import illumination_map, perceptual_hash
 from semi_llie.data.images import encode_png, load_rgb8
-from semi_llie.data.manifest import FORMAT, MANIFEST_NAME, VERSION, part_manifest_name, write_json_atomic
+from semi_llie.data.manifest import FORMAT, MANIFEST_NAME, VERSION, part_manifest_name
 from semi_llie.data.problems import SkippableInputError
 from semi_llie.data.sources import SPLITS, Sample, collect_inputs
 from semi_llie.errors import UserError
+from semi_llie.fileio import commit, temporary_path, write_json_atomic
 
 SMALL_FLAG = "smaller_than_crop"
 
@@ -153,7 +153,7 @@ class ShardWriter:
     def _open(self, subset: str) -> None:
         name = f"{self.prefix}-{len(self.entries):06d}.tar"
         self.entries.append({"name": name, "subset": subset, "has_high": True})
-        self._tar = tarfile.open(self.out / (name + ".tmp"), "w", format=tarfile.GNU_FORMAT)
+        self._tar = tarfile.open(temporary_path(self.out / name), "w", format=tarfile.GNU_FORMAT)
         self._count = self._bytes = 0
 
     def close(self) -> None:
@@ -162,10 +162,7 @@ class ShardWriter:
         self._tar.close()
         self._tar = None
         entry = self.entries[-1]
-        temporary = self.out / (entry["name"] + ".tmp")
-        with open(temporary, "rb+") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, self.out / entry["name"])
+        commit(temporary_path(self.out / entry["name"]), self.out / entry["name"])
         entry.update(samples=self._count, bytes=(self.out / entry["name"]).stat().st_size)
         entry["sha256"] = _sha256_file(self.out / entry["name"])
 
@@ -213,7 +210,7 @@ def build_shards(config: BuildConfig) -> dict[str, Any]:
         # Never leave half a dataset that looks complete: remove every shard this run wrote.
         for writer in writers.values():
             for entry in writer.entries:
-                for path in (config.out / entry["name"], config.out / (entry["name"] + ".tmp")):
+                for path in (config.out / entry["name"], temporary_path(config.out / entry["name"])):
                     path.unlink(missing_ok=True)
         raise
 

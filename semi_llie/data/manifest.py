@@ -114,17 +114,6 @@ def _is_local(location: str) -> bool:
     return "://" not in location and not location.startswith("pipe:")
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Deterministic JSON (sorted keys), written to a temporary file, synced, then renamed."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(data, file, indent=1, sort_keys=True)
-        file.write("\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
 def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

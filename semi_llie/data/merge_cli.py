@@ -12,9 +12,10 @@ from pathlib import Path
 
 from semi_llie.data.build import check_overlaps, manifest_dict
 from semi_llie.data.build_cli import statistics_lines
-from semi_llie.data.manifest import MANIFEST_NAME, part_manifest_name, read_json, write_json_atomic
+from semi_llie.data.manifest import MANIFEST_NAME, part_manifest_name, read_json
 from semi_llie.data.sources import SPLITS
 from semi_llie.errors import UserError
+from semi_llie.fileio import write_json_atomic
 
 _PART_NAME = re.compile(r"manifest\.part-(\d+)-of-(\d+)\.json$")
 

@@ -9,7 +9,7 @@ keys, an empty or missing folder) always stop the build.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,46 +59,68 @@ class _Collector:
         self.inputs.skipped.append(error)
 
     def list_images(self, folder: Path) -> dict[str, Path]:
-        """Images under `folder` (recursively) by relative stem, e.g. "night/0001" for night/0001.png."""
-        if not folder.is_dir():
-            raise UserError(f"input folder {folder} does not exist or is not a folder; check the path")
-        images: dict[str, Path] = {}
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            relative = path.relative_to(folder)
-            if (
-                any(part.startswith(".") for part in relative.parts)
-                or path.suffix.lower() in SIDECAR_SUFFIXES
-            ):
-                self.inputs.ignored.append(str(path))
-                continue
-            if not is_image_file(path):
-                self.problem(SkippableInputError([path], f"{path} is not an image file (unknown suffix)"))
-                continue
-            stem = relative.with_suffix("").as_posix()
-            if stem in images:
-                raise UserError(
-                    f"duplicate stem {stem!r} in {folder}: {images[stem]} and {path}; "
-                    "rename or remove one of them so every stem names one image"
-                )
-            images[stem] = path
-        if not images:
-            raise UserError(f"input folder {folder} contains no images; check the path")
-        return images
+        return images_by_stem(folder, self.problem, self.inputs.ignored)
 
     def pairs(self, low_dir: Path, high_dir: Path) -> list[tuple[str, Path, Path]]:
-        """(stem, low, high) for every stem present in both folders; unmatched files are problems."""
-        low, high = self.list_images(low_dir), self.list_images(high_dir)
-        for stem in sorted(low.keys() - high.keys()):
-            self.problem(
-                SkippableInputError([low[stem]], f"{low[stem]} has no match with stem {stem!r} in {high_dir}")
+        return pairs_by_stem(low_dir, high_dir, self.problem, self.inputs.ignored)
+
+
+def raise_problem(error: SkippableInputError) -> None:
+    raise error
+
+
+def images_by_stem(
+    folder: Path,
+    on_problem: Callable[[SkippableInputError], None] = raise_problem,
+    ignored: list[str] | None = None,
+) -> dict[str, Path]:
+    """Images under `folder` (recursively) by relative stem, e.g. "night/0001" for night/0001.png.
+
+    Hidden files and sidecars (README.md, ...) are skipped and appended to `ignored`; a file with an unknown
+    suffix goes to `on_problem`; two images with one stem, or no image at all, are a UserError.
+    """
+    if not folder.is_dir():
+        raise UserError(f"input folder {folder} does not exist or is not a folder; check the path")
+    images: dict[str, Path] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts) or path.suffix.lower() in SIDECAR_SUFFIXES:
+            if ignored is not None:
+                ignored.append(str(path))
+            continue
+        if not is_image_file(path):
+            on_problem(SkippableInputError([path], f"{path} is not an image file (unknown suffix)"))
+            continue
+        stem = relative.with_suffix("").as_posix()
+        if stem in images:
+            raise UserError(
+                f"duplicate stem {stem!r} in {folder}: {images[stem]} and {path}; "
+                "rename or remove one of them so every stem names one image"
             )
-        for stem in sorted(high.keys() - low.keys()):
-            self.problem(
-                SkippableInputError(
-                    [high[stem]], f"{high[stem]} has no match with stem {stem!r} in {low_dir}"
-                )
-            )
-        return [(stem, low[stem], high[stem]) for stem in sorted(low.keys() & high.keys())]
+        images[stem] = path
+    if not images:
+        raise UserError(f"input folder {folder} contains no images; check the path")
+    return images
+
+
+def pairs_by_stem(
+    low_dir: Path,
+    high_dir: Path,
+    on_problem: Callable[[SkippableInputError], None] = raise_problem,
+    ignored: list[str] | None = None,
+) -> list[tuple[str, Path, Path]]:
+    """(stem, low, high) for each stem in both folders, sorted; unmatched files go to `on_problem`."""
+    low = images_by_stem(low_dir, on_problem, ignored)
+    high = images_by_stem(high_dir, on_problem, ignored)
+    for stem in sorted(low.keys() - high.keys()):
+        on_problem(
+            SkippableInputError([low[stem]], f"{low[stem]} has no match with stem {stem!r} in {high_dir}")
+        )
+    for stem in sorted(high.keys() - low.keys()):
+        on_problem(
+            SkippableInputError([high[stem]], f"{high[stem]} has no match with stem {stem!r} in {low_dir}")
+        )
+    return [(stem, low[stem], high[stem]) for stem in sorted(low.keys() & high.keys())]
 
 
 def collect_inputs(

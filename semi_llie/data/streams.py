@@ -4,7 +4,7 @@ Who reads what, in two levels.
 1. Ranks own samples for the whole run (`rank_assignment`, `owner_ranks`): with at least as many shards as
    ranks, rank r owns shards r, r+W, r+2W, ... (manifest order); with fewer, every rank reads all shards and
    owns the samples whose split index (position in manifest order) is r mod W. Ownership never changes
-   between epochs, so a reliable-bank entry is only ever written by one rank (semi_llie.bank).
+   between epochs, so a reliable-bank entry is only ever written by one rank (semi_llie.method.bank).
 2. A rank's DataLoader workers split its shards per epoch: the rank's shards are permuted by rng(seed, e),
    then worker w takes shards w, w+N, ... (N workers), or, with fewer shards than workers, every N-th of the
    rank's samples. Each worker shuffles its samples with a buffer seeded by (seed, rank, worker, e) and
@@ -221,8 +221,8 @@ class LabeledSample:
     """Raw labeled sample -> `{"key", "low", "high", "illum": 3×crop×crop}` (same crop and flip for all).
 
     With `cache_decoded` the decoded pairs stay in memory (9 bytes per pixel per pair, in each reader):
-    small crops of large images, many per batch, otherwise spend the step decoding PNGs (LOL, batch 36 of
-    32×32 crops: ~0.8 s of decoding per step on 2 cores, more than the model's step).
+    small crops of large images, many per batch, otherwise spend the step decoding whole PNGs (on LOL more
+    than the model's step: docs/results/design_measurements.md).
     """
 
     def __init__(self, crop_size: int, cache_decoded: bool = False) -> None:

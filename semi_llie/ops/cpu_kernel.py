@@ -1,7 +1,7 @@
 """The C++ CPU selective scan (csrc/selective_scan_cpu.cpp), compiled on first use.
 
 `torch.utils.cpp_extension.load` builds it with the machine's C++ compiler and ninja into torch's extension
-cache (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``): about 25 s once on 2 cores, then
+cache (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``): once (tens of seconds), then
 a cached load. The build targets AVX2+FMA when this CPU has them and baseline x86-64/ARM otherwise; the
 instruction set is part of the extension's name so that a cache shared between machines never hands one
 CPU code for another. If the build fails, or ``SEMI_LLIE_CPU_KERNEL=0``, `load_kernel` returns None and

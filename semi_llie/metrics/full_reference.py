@@ -1,28 +1,18 @@
-"""Image quality metrics through pyiqa, with the settings that produced them (METHOD §8).
-
-Two families:
-- `FullReferenceMetrics`: PSNR and SSIM in RGB and on Y, and GT-mean PSNR, for one output/ground-truth pair at
-  full resolution. They need no learned weights, so they always run (the trainer's validation uses them).
-- `WeightedMetrics`: LPIPS (full-reference), NIQE and MUSIQ (no-reference) need files that pyiqa downloads on
-  first use. We never download: a metric whose files are not already in the local caches is skipped with one
-  line naming the missing file, so evaluation works offline and never hangs on the network. PIQE (no
-  weights) is always available, so unpaired data always gets at least one score.
+"""Full-reference metrics of one output/ground-truth pair at full resolution (METHOD §8): PSNR and SSIM in
+RGB and on Y, and GT-mean PSNR. They need no learned weights, so they always run (validation uses them).
 
 Every `settings` dict is meant to be stored beside the scores it produced.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from semi_llie.metrics.table import library_versions
 
 # BT.601 luma as in MATLAB's rgb2ycbcr (Y in [16, 235]/255): the convention of BasicSR and the LLIE papers.
 Y_COLOR_SPACE = "ycbcr"
@@ -30,11 +20,6 @@ Y_COLOR_SPACE = "ycbcr"
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 PSNR_EPS = 1e-8  # pyiqa's default: identical images score 10·log10(1/1e-8) = 80 dB instead of infinity
 FULL_REFERENCE_NAMES = ("psnr", "ssim", "psnr_y", "ssim_y", "psnr_gtmean")
-DEFAULT_WEIGHTED_NAMES = ("lpips", "niqe", "musiq", "piqe")
-
-
-def library_versions() -> dict[str, str]:
-    return {name: importlib.metadata.version(name) for name in ("pyiqa", "torch")}
 
 
 class FullReferenceMetrics:
@@ -144,126 +129,3 @@ def gt_mean_scaled(pred: Tensor, gt: Tensor) -> Tensor:
     gt_mean = (gt * weights).sum(1).mean(dim=(1, 2))
     ratio = gt_mean / pred_mean.clamp_min(1e-8)
     return (pred * ratio.view(-1, 1, 1, 1)).clamp(0, 1)
-
-
-@dataclass(frozen=True)
-class WeightedMetricSpec:
-    pyiqa_name: str
-    full_reference: bool
-    lower_better: bool
-    required_files: Callable[[], list[Path]]  # local files the metric loads; empty = needs no weights
-
-
-def pyiqa_cache_dir() -> Path:
-    from pyiqa.utils.download_util import DEFAULT_CACHE_DIR
-
-    return Path(DEFAULT_CACHE_DIR)
-
-
-def torch_checkpoint_dir() -> Path:
-    # Where torchvision's `weights=` loader looks (and would download to): $TORCH_HOME/hub/checkpoints.
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _file_name(url: str) -> str:
-    return Path(urlparse(url).path).name
-
-
-def _lpips_files() -> list[Path]:
-    import torchvision
-    from pyiqa.archs.lpips_arch import default_model_urls
-
-    return [
-        pyiqa_cache_dir() / _file_name(default_model_urls["0.1_alex"]),
-        torch_checkpoint_dir() / _file_name(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url),
-    ]
-
-
-def _niqe_files() -> list[Path]:
-    from pyiqa.archs.niqe_arch import default_model_urls
-
-    return [pyiqa_cache_dir() / _file_name(default_model_urls["niqe"])]
-
-
-def _musiq_files() -> list[Path]:
-    from pyiqa.archs.musiq_arch import default_model_urls
-
-    return [pyiqa_cache_dir() / _file_name(default_model_urls["koniq10k"])]
-
-
-WEIGHTED_METRICS: dict[str, WeightedMetricSpec] = {
-    "lpips": WeightedMetricSpec("lpips", full_reference=True, lower_better=True, required_files=_lpips_files),
-    "niqe": WeightedMetricSpec("niqe", full_reference=False, lower_better=True, required_files=_niqe_files),
-    "musiq": WeightedMetricSpec(
-        "musiq", full_reference=False, lower_better=False, required_files=_musiq_files
-    ),
-    "piqe": WeightedMetricSpec("piqe", full_reference=False, lower_better=True, required_files=list),
-}
-
-
-class WeightedMetrics:
-    """The metrics of `names` whose weights are in the local caches; the others are listed in `.skipped`.
-
-    `.skipped` maps each unavailable name to one line saying which file is missing and where to put it.
-    """
-
-    def __init__(
-        self, names: tuple[str, ...] = DEFAULT_WEIGHTED_NAMES, device: str | torch.device = "cpu"
-    ) -> None:
-        unknown = [name for name in names if name not in WEIGHTED_METRICS]
-        if unknown:
-            raise ValueError(f"unknown metrics {unknown}; known: {sorted(WEIGHTED_METRICS)}")
-        self.device = torch.device(device)
-        self.skipped: dict[str, str] = {}
-        self._metrics: dict[str, nn.Module] = {}
-        self._files: dict[str, list[str]] = {}
-        for name in names:
-            spec = WEIGHTED_METRICS[name]
-            files = spec.required_files()
-            missing = [path for path in files if not path.is_file()]
-            if missing:
-                self.skipped[name] = (
-                    f"{name} skipped: its weights are not available locally "
-                    f"({', '.join(map(str, missing))}); copy them there to enable it (nothing is downloaded)"
-                )
-                continue
-            self._metrics[name] = _create_pyiqa_metric(spec.pyiqa_name, self.device)
-            self._files[name] = [str(path) for path in files]
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(self._metrics)
-
-    def no_reference_names(self) -> tuple[str, ...]:
-        return tuple(name for name in self._metrics if not WEIGHTED_METRICS[name].full_reference)
-
-    @torch.no_grad()
-    def __call__(self, pred: Tensor, gt: Tensor | None = None) -> dict[str, float]:
-        """pred (and gt): 1×3×H×W in [0, 1]; full-reference metrics are computed only when gt is given."""
-        scores = {}
-        for name, metric in self._metrics.items():
-            if WEIGHTED_METRICS[name].full_reference:
-                if gt is not None:
-                    scores[name] = float(metric(pred.float().clamp(0, 1), gt.float()))
-            else:
-                scores[name] = float(metric(pred.float().clamp(0, 1)))
-        return scores
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        return {
-            name: {
-                "pyiqa_metric": WEIGHTED_METRICS[name].pyiqa_name,
-                "full_reference": WEIGHTED_METRICS[name].full_reference,
-                "lower_better": WEIGHTED_METRICS[name].lower_better,
-                "weights": self._files[name],
-            }
-            for name in self._metrics
-        } | {"skipped": dict(self.skipped), "libraries": library_versions()}
-
-
-def _create_pyiqa_metric(name: str, device: torch.device) -> nn.Module:
-    import pyiqa
-
-    # The required files are in the caches, so pyiqa's loaders find them there and do not download.
-    return pyiqa.create_metric(name, device=device, as_loss=False)

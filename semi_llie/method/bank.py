@@ -5,7 +5,8 @@ the rank that streams it), so each rank holds only its own entries, in memory, a
 one entry. Each entry records the sample's split index (which decides its owner under any world size) and
 the rank that wrote it.
 
-Persistence is part of the checkpoint (`semi_llie.bank_store`): a checkpoint holds the bank exactly as it
+Persistence is part of the checkpoint (`semi_llie.engine.bank_store`): a checkpoint holds the bank exactly as
+it
 was after its step, so resuming from any kept checkpoint restores that state, and a resume with another
 world size re-partitions it by owner. Nothing is written to disk between checkpoints, so a step never
 waits on the file system.
@@ -35,8 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from semi_llie.config import BankConfig
 from semi_llie.errors import UserError
-from semi_llie.scoring import Scorer
+from semi_llie.metrics.scorers import Scorer, build_scorer
 
 QUANTIZATION_LEVELS = 65535  # 16-bit
 
@@ -92,6 +94,13 @@ class ReliableBank:
         self.chain: list[dict[str, Any]] = []  # segments of the checkpoint this state extends (bank_store)
         self.seen = 0  # samples decided
         self.accepted = 0  # of which the teacher output was stored
+        self.nonfinite_batches = 0  # batches left out because an output was not finite
+        self._window = (0, 0)  # (seen, accepted) at the last `take_window`
+
+    @classmethod
+    def from_config(cls, cfg: BankConfig, device: str | torch.device = "cpu", rank: int = 0) -> ReliableBank:
+        """The bank `cfg.bank` describes, its scorer built by name (semi_llie.metrics.scorers.SCORERS)."""
+        return cls(build_scorer(cfg.metric, device=device, batch_size=cfg.score_batch_size), rank=rank)
 
     # -- entries -------------------------------------------------------------------------------
 
@@ -146,6 +155,7 @@ class ReliableBank:
                 f"student {tuple(student_output.shape)}"
             )
         if not (all_finite(teacher_output) and all_finite(student_output)):
+            self.nonfinite_batches += 1
             accepted = torch.zeros(len(keys), dtype=torch.bool)
             return BankUpdate(positives=teacher_output.detach().clamp(0, 1), accepted=accepted)
         with torch.autocast(teacher_output.device.type, enabled=False):  # scores in fp32
@@ -181,3 +191,9 @@ class ReliableBank:
     def acceptance_rate(self) -> float:
         """Fraction of the samples this process decided whose teacher output was stored."""
         return self.accepted / self.seen if self.seen else 0.0
+
+    def take_window(self) -> dict[str, float]:
+        """{"bank_seen", "bank_accepted"}: this rank's counts since the previous call (a logging window)."""
+        seen, accepted = self.seen - self._window[0], self.accepted - self._window[1]
+        self._window = (self.seen, self.accepted)
+        return {"bank_seen": float(seen), "bank_accepted": float(accepted)}

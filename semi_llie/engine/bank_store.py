@@ -22,7 +22,6 @@ Segment file (torch.save, loadable with weights_only=True and mmap=True):
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -33,9 +32,10 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import Tensor
 
-from semi_llie.bank import BankEntry, ReliableBank
-from semi_llie.distributed import reduce_sums
+from semi_llie.engine.distributed import reduce_sums
 from semi_llie.errors import UserError
+from semi_llie.fileio import atomic_write
+from semi_llie.method.bank import BankEntry, ReliableBank
 
 SEGMENTS = "bank"  # folder under OUTPUT_DIR/checkpoints
 BANK_FILE = "bank.json"  # in each step dir
@@ -58,12 +58,8 @@ def write_segment(path: Path, bank: ReliableBank, keys: list[str], world_size: i
         "index": torch.tensor([e.index for e in entries], dtype=torch.int64),
         "writer": torch.tensor([e.writer for e in entries], dtype=torch.int64),
     }
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as handle:
+    with atomic_write(path) as handle:
         torch.save(record, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
     return path.stat().st_size
 
 

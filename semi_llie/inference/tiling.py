@@ -14,14 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from semi_llie.modelio import Enhancer, illumination_maps
+from semi_llie.models.enhancer import Enhancer, illumination_maps
 
 # Peak activation memory of a MambaLowlight forward pass (no grad, fp32, CPU) per input pixel and per channel
-# of its widest projection (SS2D's in_proj: 2 · expand · embed_dim outputs). Measured as peak RSS growth with
-# the CLI's allocator setting (semi_llie.allocator), one direction scanned at a time: paper model (width 256)
-# 36.9 B at 192×192 and 41.2 B at 600×400, TINY_MODEL_CONFIG (width 64) 42.6 B and 34.7 B; and 52 B per pixel
-# of a 576² tile over a tiled 2000×1500 image (freed blocks of earlier tiles stay mapped, and the blended
-# output accumulates). We take that plus ~15 %: tiled runs then stay just under the budget.
+# of its widest projection (SS2D's in_proj: 2 · expand · embed_dim outputs): the largest value measured
+# (docs/results/inference_memory.md) plus ~15 %, so that tiled runs stay just under the budget.
 BYTES_PER_PIXEL_PER_CHANNEL = 60.0
 DEFAULT_MAX_MEMORY_MB = 4096
 DEFAULT_OVERLAP = 32

@@ -3,9 +3,9 @@
 glibc serves every allocation above its mmap threshold (at most 32 MiB by default) with a fresh mmap and
 unmaps it on free, and trims the heap top as soon as 128 KiB are free. A full-resolution forward pass
 allocates and frees hundreds of such tensors, so every one of them is page-faulted in (and zeroed by the
-kernel) again: measured on a 2-core VM, MambaLowlight inference at 600×400 spent 15 of 33 CPU seconds in
-the kernel, and ran 8 s instead of 12.5-21 s once freed memory was kept. The price is a higher resident
-peak (3.2 instead of 2.2 GiB there): freed blocks stay mapped for reuse. `mallopt` is the runtime
+kernel) again, which made full-resolution CPU inference spend about half its time in the kernel
+(docs/results/design_measurements.md). The price is a higher resident peak: freed blocks stay mapped for
+reuse. `mallopt` is the runtime
 equivalent of MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_; set SEMI_LLIE_KEEP_FREED_MEMORY=0 to opt out.
 """
 

@@ -1,4 +1,4 @@
-"""Classic, training-free low-light enhancers: the floor a learned model has to clear.
+"""Classic, training-free low-light enhancers: the floor a learned model has to clear, and their scores.
 
 Both map a batch `B×3×H×W` in [0, 1] to an enhanced batch of the same shape, image by image, so they can
 be scored by the same code as a trained `Enhancer`.
@@ -20,7 +20,10 @@ from typing import Any
 
 import torch
 
+from semi_llie.data.streams import eval_loader
 from semi_llie.errors import UserError
+from semi_llie.metrics.evaluation import means, samples_of, score_split
+from semi_llie.metrics.full_reference import FullReferenceMetrics
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601
 _EPS = 1e-4
@@ -75,24 +78,17 @@ def score_baselines(
     """Score the named baselines (and the untouched input, as "input") on a shard split at full resolution.
 
     Returns {name: {"metrics": {metric: mean}, "per_image": {key: {metric: value}}}}, with the metrics of
-    `semi_llie.metrics.FullReferenceMetrics` (the ones `semi-llie evaluate` and validation report), plus
-    "settings": the metric settings.
+    `semi_llie.metrics.full_reference.FullReferenceMetrics` (the ones `semi-llie evaluate` and validation
+    report), plus "settings": the metric settings.
     """
-    from semi_llie.data.streams import eval_loader
-    from semi_llie.metrics import FullReferenceMetrics
-
-    enhancers = {"input": lambda images: images, **{name: BASELINES[name] for name in names}}
+    enhancers = {"input": lambda sample: sample.low}
+    enhancers |= {name: (lambda sample, fn=BASELINES[name]: fn(sample.low)) for name in names}
     metrics = FullReferenceMetrics()
-    per_image: dict[str, dict[str, dict[str, float]]] = {name: {} for name in enhancers}
-    for sample in eval_loader(str(shards), split):
-        key = sample["key"][0] if isinstance(sample["key"], list) else sample["key"]
-        for name, enhance in enhancers.items():
-            per_image[name][key] = metrics(enhance(sample["low"]), sample["high"])  # 1×3×H×W each
-    if not per_image["input"]:
+    rows = score_split(samples_of(eval_loader(str(shards), split)), enhancers, metrics)
+    if not rows["input"]:
         raise UserError(f"the {split} split of {shards} holds no samples; build shards with a {split} split")
-    results: dict[str, dict[str, Any]] = {}
-    for name, rows in per_image.items():
-        means = {metric: sum(row[metric] for row in rows.values()) / len(rows) for metric in metrics.names}
-        results[name] = {"metrics": means, "per_image": rows}
+    results: dict[str, dict[str, Any]] = {
+        name: {"metrics": means(per_image), "per_image": per_image} for name, per_image in rows.items()
+    }
     results["settings"] = metrics.settings
     return results

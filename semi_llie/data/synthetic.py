@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from semi_llie.data.images import write_image
 from semi_llie.errors import UserError
 
 
@@ -206,7 +207,7 @@ def make_dataset(
             dataset.files[split].append(name)
             provenance[f"{split}/{name}"] = dataclasses.asdict(params)
     record = {
-        "generator": "semi_llie.synthetic.make_dataset",
+        "generator": "semi_llie.data.synthetic.make_dataset",
         "arguments": {
             "n_labeled": n_labeled,
             "n_unlabeled": n_unlabeled,
@@ -224,4 +225,4 @@ def make_dataset(
 
 def _save_png(image: np.ndarray, path: Path) -> None:
     """image: H×W×3 float in [0, 1]."""
-    Image.fromarray(np.round(image * 255.0).astype(np.uint8)).save(path)
+    write_image(path, image)

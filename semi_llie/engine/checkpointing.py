@@ -34,9 +34,10 @@ import yaml
 from accelerate import Accelerator
 from torch import nn
 
-from semi_llie import bank_store
-from semi_llie.bank import ReliableBank
+from semi_llie.engine import bank_store
 from semi_llie.errors import UserError
+from semi_llie.fileio import fsync_dir, write_text_atomic
+from semi_llie.method.bank import ReliableBank
 
 logger = logging.getLogger(__name__)
 
@@ -161,11 +162,11 @@ def save_checkpoint(
         (staging / "config.yaml").write_text(config_yaml)
         _fsync_tree(staging)
         if (root / bank_store.SEGMENTS).is_dir():
-            _fsync_dir(root / bank_store.SEGMENTS)
+            fsync_dir(root / bank_store.SEGMENTS)
         time.sleep(float(os.environ.get("SEMI_LLIE_TEST_SAVE_DELAY", "0")))
         shutil.rmtree(final, ignore_errors=True)  # a previous attempt at this step (resumed before it)
         os.replace(staging, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         write_text_atomic(root / LATEST, final.name + "\n")
         rotate(output_dir, total_limit)
     accelerator.wait_for_everyone()
@@ -211,17 +212,6 @@ def remove_stale_staging(output_dir: str | Path) -> None:
     bank_store.collect_garbage(checkpoints_root(output_dir), step_dirs(output_dir))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temp file beside `path`, fsync, rename: readers see the old or the new content."""
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    _fsync_dir(path.parent)
-
-
 def _cpu(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
 
@@ -231,12 +221,4 @@ def _fsync_tree(root: Path) -> None:
         for name in files:
             with open(os.path.join(folder, name), "rb") as handle:
                 os.fsync(handle.fileno())
-        _fsync_dir(Path(folder))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(Path(folder))
