@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -330,10 +331,8 @@ def _encoded(samples: list[Sample], config: BuildConfig) -> Iterator[EncodedSamp
 
 
 def _one_thread() -> None:
-    """One of `workers` busy processes: no intra-op threads on top of them (no oversubscription)."""
-    import torch
-
-    torch.set_num_threads(1)
+    """One of `workers` busy processes: no OpenCV threads on top of them (no oversubscription)."""
+    cv2.setNumThreads(1)
 
 
 def _encode_star(args: tuple[Sample, int]) -> EncodedSample | SkippableInputError:

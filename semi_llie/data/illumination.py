@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
-from scipy import ndimage
 from scipy.fft import dctn
 
 RETINEX_SIGMAS = (15.0, 60.0, 90.0)
@@ -35,8 +35,12 @@ def illumination_map(
         # On the coarse grid the block average has already blurred by variance (k² - 1) / 12 and the
         # interpolation back adds about k² / 6: blur by what remains of σ², in coarse pixels.
         remaining = math.sqrt(max(sigma**2 - (factor**2 - 1) / 12 - factor**2 / 6, 0.0)) / factor
-        # "mirror" is OpenCV's default BORDER_REFLECT_101, the usual border of retinex code.
-        blurred = ndimage.gaussian_filter(image, sigma=(remaining, remaining, 0), mode="mirror")
+        # BORDER_REFLECT_101 (scipy's "mirror") is the usual border of retinex code. OpenCV's kernel spans
+        # ±4σ like scipy's default; its separable float32 filter computes every pixel with the same code
+        # whatever the thread split, so the map stays byte-reproducible.
+        blurred = cv2.GaussianBlur(
+            image, (0, 0), sigmaX=remaining, sigmaY=remaining, borderType=cv2.BORDER_REFLECT_101
+        )
         total += np.maximum(np.log10(blurred + 1e-8), 0.0)
     mean = total / len(sigmas)
     if factor > 1:
@@ -48,31 +52,22 @@ def illumination_map(
 
 
 def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
-    """H×W×C -> ceil(H/k)×ceil(W/k)×C means of k×k blocks (the image mirrored to a multiple of k first)."""
+    """H×W×3 -> ceil(H/k)×ceil(W/k)×3 means of k×k blocks (the image mirrored to a multiple of k first)."""
     height, width = image.shape[:2]
     pad_h, pad_w = -height % factor, -width % factor
     if pad_h or pad_w:
         image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="symmetric")
     h, w = image.shape[0] // factor, image.shape[1] // factor
-    return image.reshape(h, factor, w, factor, -1).mean(axis=(1, 3))
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)  # an integer factor: exact block means
 
 
 def _upsample(image: np.ndarray, factor: int, height: int, width: int) -> np.ndarray:
     """Bilinear ×factor of a block-mean grid (block centres land on their pixels), cropped to height×width.
 
-    In numpy, separably: the result must not depend on thread counts (shards are byte-reproducible).
+    OpenCV maps output pixel x to input (x + 0.5) / k - 0.5 and repeats the edge, in float32 for float input.
     """
-    for axis, size in ((0, height), (1, width)):
-        n = image.shape[axis]
-        position = np.clip((np.arange(size) + 0.5) / factor - 0.5, 0, n - 1)
-        below = np.floor(position).astype(int)
-        above = np.minimum(below + 1, n - 1)
-        weight = (position - below).astype(np.float32)
-        shape = [1, 1, 1]
-        shape[axis] = size
-        weight = weight.reshape(shape)
-        image = np.take(image, below, axis=axis) * (1 - weight) + np.take(image, above, axis=axis) * weight
-    return image
+    h, w = image.shape[:2]
+    return cv2.resize(image, (w * factor, h * factor), interpolation=cv2.INTER_LINEAR)[:height, :width]
 
 
 def perceptual_hash(rgb: np.ndarray) -> int:
