@@ -13,7 +13,7 @@
 #                      c10d rendezvous at MAIN_PROCESS_IP:MAIN_PROCESS_PORT
 #   PREEMPT_GRACE      seconds the launcher lets its workers spend checkpointing after SIGTERM/SIGUSR1 (110)
 #   DRY_RUN=1          print the launch command and exit
-# Signals: SIGTERM and SIGUSR1 reach the workers, which save a checkpoint and exit 75 (semi_llie/distributed.py).
+# Signals: SIGTERM and SIGUSR1 reach the workers, which save a checkpoint and exit 75 (semi_llie/engine/distributed.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -100,9 +100,10 @@ class DataConfig(Block):
 
 class BankConfig(Block):
     enabled: bool = True
-    metric: str = (
-        "musiq"  # pyiqa no-reference metric (its `lower_better` is respected); piqe/niqe need no weights
-    )
+    # A scorer of semi_llie.metrics.scorers.SCORERS: a no-reference metric of semi_llie.metrics.table
+    # (musiq as in the paper; piqe needs no file, niqe basicsr's parameter file) or one added by
+    # register_scorer.
+    metric: str = "musiq"
     score_batch_size: int = Field(16, ge=1)
 
 

@@ -133,7 +133,7 @@ def same_size_batches(
         try:
             image = read_image(path)
         except BadImageError as err:
-            failures.append((path, err.reason))
+            failures.append((path, err.detail))
             continue
         height, width = image.pixels.shape[:2]
         fits = (len(batch) + 1) * height * width * bytes_per_pixel <= max_memory_mb * 2**20

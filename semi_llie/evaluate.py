@@ -23,10 +23,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from semi_llie.data.images import BadImageError, read_image, write_image
+from semi_llie.data.images import BadImageError, is_image_file, read_image, write_image
 from semi_llie.data.problems import SkippableInputError
 from semi_llie.data.sources import images_by_stem, pairs_by_stem
 from semi_llie.errors import UserError
+from semi_llie.fileio import atomic_write, write_text_atomic
 from semi_llie.inference.cli_args import add_model_arguments, model_from_args
 from semi_llie.inference.tiling import TilePlan, activation_bytes_per_pixel, enhance_image
 from semi_llie.metrics.evaluation import EvalSample, means, metric_names, samples_of, score_split
@@ -116,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_per_image_csv(args.out / PER_IMAGE_CSV, per_image, sizes)
-    (args.out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(args.out / SUMMARY_JSON, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     if args.mlflow_run_id or args.mlflow_experiment:
         run_id = log_to_mlflow(args, summary, metric_prefix(source.description))
         print(f"logged to MLflow run {run_id}")
@@ -188,7 +189,10 @@ def pair_source(low_dir: Path, high_dir: Path) -> DataSource:
 
 
 def refuse_unpaired(problem: SkippableInputError) -> None:
-    raise UserError(f"{problem.reason}; pair every file by stem (evaluation never skips an input)")
+    """Files that are not images are left out; an image without its partner stops the evaluation."""
+    if not is_image_file(Path(problem.paths[0])):
+        return
+    raise UserError(f"{problem.reason}; pair every file by stem (evaluation never skips an image)")
 
 
 def unpaired_source(folder: Path) -> DataSource:
@@ -206,14 +210,14 @@ def load_tensor(path: Path) -> Tensor:
     try:
         pixels = read_image(path).to_float()
     except BadImageError as err:
-        raise UserError(f"{path}: {err.reason}; remove or replace it") from err
+        raise UserError(f"{path}: {err.detail}; remove or replace it") from err
     return torch.from_numpy(pixels).permute(2, 0, 1)[None]
 
 
 def write_per_image_csv(
     path: Path, per_image: dict[str, dict[str, float]], sizes: dict[str, tuple[int, int]]
 ) -> None:
-    with path.open("w", newline="") as stream:
+    with atomic_write(path, "w") as stream:
         writer = csv.DictWriter(stream, fieldnames=["key", "height", "width", *metric_names(per_image)])
         writer.writeheader()
         for key, row in per_image.items():

@@ -6,7 +6,9 @@ ZeRO-1/2); the EMA teacher, the frozen semantic extractor and the bank's scorer 
 replicated modules that every rank updates identically (checked by checksum at each validation).
 
 Exit codes (semi_llie.engine.distributed): 0 done, 2 user error, 3 diverged (non-finite losses), 4 ranks
-diverged, 75 preempted by SIGTERM/SIGUSR1 after saving a checkpoint (`--resume latest` continues).
+diverged, 75 preempted by SIGTERM/SIGUSR1 after saving a checkpoint (`--resume latest` continues). The
+signal handler is installed before setup, so a signal during setup (loading a large semantic checkpoint,
+waiting for the other ranks) stops the run after its first step, with that step's checkpoint.
 """
 
 from __future__ import annotations
@@ -48,7 +50,11 @@ def main(args: argparse.Namespace) -> int:
         raise
     cfg, state, schedule, accelerator = run.cfg, run.state, run.schedule, run.accelerator
     progress = tqdm(
-        total=schedule.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process
+        total=schedule.max_steps,
+        initial=state.step,
+        desc="train",
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
     )
     window, skipped, stop = LogWindow(), False, False
     started, start_step = time.perf_counter(), state.step
@@ -68,7 +74,10 @@ def main(args: argparse.Namespace) -> int:
         last_step = state.step >= schedule.max_steps
         if state.step % cfg.train.log_every == 0 or last_step:
             logged = log_window(run, window)
-            progress.set_postfix(loss=f"{logged.get('train/loss', float('nan')):.4f}")
+            progress.set_postfix(
+                loss=f"{logged.get('train/loss', float('nan')):.4f}",
+                img_s=f"{logged['train/images_per_s']:.1f}",
+            )
             window = LogWindow()
         if state.step % schedule.validate_every == 0 or last_step:
             validate_and_register(run)

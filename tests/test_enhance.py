@@ -240,18 +240,38 @@ def test_load_enhancer_from_mlflow_model_uri(tmp_path: Path) -> None:
         mlflow.set_tracking_uri(previous)
 
 
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_exif_orientation_matches_pillow(tmp_path: Path, orientation: int) -> None:
+def test_exif_orientation_matches_pillow(tmp_path: Path, orientation: int, suffix: str) -> None:
+    # OpenCV turns TIFFs upright itself and leaves PNGs (and JPEGs) as stored: each must be turned once.
     pixels = np.random.default_rng(orientation).integers(0, 256, (6, 10, 3), dtype=np.uint8)
     image = Image.fromarray(pixels)
     exif = image.getexif()
     exif[0x0112] = orientation
-    path = tmp_path / "photo.png"
+    path = tmp_path / f"photo{suffix}"
     image.save(path, exif=exif)
     with Image.open(path) as stored:
         expected = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"))
     np.testing.assert_array_equal(apply_exif_orientation(pixels, orientation), expected)
     np.testing.assert_array_equal(read_image(path).pixels, expected)
+
+
+def test_the_orientation_is_read_without_decoding_the_pixels(tmp_path: Path, monkeypatch) -> None:
+    from PIL import ImageFile
+
+    from semi_llie.data.images import exif_orientation
+
+    image = Image.fromarray(np.zeros((4, 6, 3), dtype=np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "tagged.png", exif=exif)
+    image.save(tmp_path / "plain.png")
+
+    def no_decoding(self):
+        raise AssertionError("the pixels were decoded to read the orientation")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    assert exif_orientation(tmp_path / "tagged.png") == 6 and exif_orientation(tmp_path / "plain.png") == 1
 
 
 def test_sixteen_bit_and_grayscale_inputs_keep_their_precision(tmp_path: Path) -> None:

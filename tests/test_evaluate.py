@@ -75,6 +75,7 @@ def test_identity_model_scores_match_numpy_psnr(tmp_path: Path, identity_checkpo
 
 def test_unpaired_mode_uses_no_reference_metrics_only(tmp_path: Path, identity_checkpoint: Path) -> None:
     low, _ = _pairs(tmp_path / "data", count=2)
+    (low / "desktop.ini").write_text("[.ShellClassInfo]\n")  # a stray non-image file is left out
     out = tmp_path / "eval"
     args = ["evaluate", "--unpaired", str(low), "--out", str(out), "--checkpoint", str(identity_checkpoint)]
     assert cli.main([*args, "--device", "cpu"]) == 0

@@ -35,9 +35,9 @@ PNG_COMPRESS_LEVEL = 3
 class BadImageError(SkippableInputError):
     """An image file that exists but cannot be decoded (corrupt, truncated, not really an image)."""
 
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__([path], f"cannot read image {path}: {reason}")
-        self.reason = reason
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__([path], f"cannot read image {path}: {detail}")
+        self.detail = detail  # what is wrong with the file, without its name
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,9 @@ def read_image(path: Path) -> LoadedImage:
         rgb = np.repeat(pixels, 3, axis=2)
     else:
         rgb = pixels[:, :, 2::-1]  # BGR(A) -> RGB, alpha dropped
-    upright = apply_exif_orientation(rgb, exif_orientation(path))
-    return LoadedImage(np.ascontiguousarray(upright))
+    if path.suffix.lower() not in (".tif", ".tiff"):  # OpenCV's TIFF decoder applies the tag itself
+        rgb = apply_exif_orientation(rgb, exif_orientation(path))
+    return LoadedImage(np.ascontiguousarray(rgb))
 
 
 def load_rgb8(path: Path) -> np.ndarray:
@@ -92,9 +93,16 @@ def load_rgb8(path: Path) -> np.ndarray:
 
 
 def exif_orientation(path: Path) -> int:
+    """The EXIF orientation tag (1 when absent), read from the header without decoding any pixel."""
     try:
         with Image.open(path) as image:
-            return int(image.getexif().get(EXIF_ORIENTATION, 1))
+            # Not image.getexif(): for a PNG without an eXIf chunk before its pixels it decodes the image.
+            data = image.info.get("exif")
+            if not data:
+                return 1
+            exif = Image.Exif()
+            exif.load(data)
+            return int(exif.get(EXIF_ORIENTATION, 1))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return 1  # decodable by OpenCV but not Pillow (or no EXIF): nothing to rotate
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,8 +166,8 @@ def validate_and_register(run: Run) -> None:
     for key, grid in result.grids.items():
         run.tracker.log_image(grid, f"val/step-{state.step:06d}/{key}.png")
     score = result.metrics["val/psnr"]
-    if state.best_score is not None and score <= state.best_score:
-        return
+    if not math.isfinite(score) or (state.best_score is not None and score <= state.best_score):
+        return  # a NaN score (a diverged teacher) is never the best
     state.best_score, state.best_step = score, state.step
     if accelerator.is_main_process:
         enhancer = Enhancer(copy.deepcopy(run.teacher.model)).to("cpu").eval()  # what users load
