@@ -2,6 +2,9 @@
 `accelerate launch`) and writes what the tests check for themselves to $PROBE_DIR/rank-<r>.json:
 the sha256 of this rank's teacher after training, computed here, not taken from the trainer's own log.
 
+It also registers the bank scorer "newest" (`bank.metric=newest`), under which every teacher output beats
+the student's and every entry stored before it, across a resume too: the bank is rewritten at every step.
+
 With PROBE_FIXED_BATCH=N the data streams are replaced by one fixed batch of N labeled and N unlabeled
 samples, of which rank r of W gets the r-th of W equal slices (every step): the DDP-equivalence test.
 Only the data is replaced; the model, the objective, the bank, DDP and the optimizer are the trainer's own.
@@ -13,12 +16,14 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from semi_llie.cli import main
 from semi_llie.engine import run as engine_run
+from semi_llie.metrics.scorers import register_scorer
 
 teachers = []
 
@@ -27,6 +32,24 @@ class RecordingTeacher(engine_run.EMATeacher):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         teachers.append(self)
+
+
+class NewestWins:
+    """Scores the teacher's candidates by wall-clock time and the student's outputs -1. The bank scores the
+    candidates first, then the student outputs, at every update; float64 keeps microseconds."""
+
+    name, lower_better = "newest", False
+
+    def __init__(self) -> None:
+        self.teacher_next = True
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        value = time.time() if self.teacher_next else -1.0
+        self.teacher_next = not self.teacher_next
+        return torch.full((images.shape[0],), value, dtype=torch.float64)
+
+
+register_scorer("newest", lambda device, batch_size: NewestWins())
 
 
 def sha256_of(module: torch.nn.Module) -> str:

@@ -160,12 +160,12 @@ class ReliableBank:
             return BankUpdate(positives=teacher_output.detach().clamp(0, 1), accepted=accepted)
         with torch.autocast(teacher_output.device.type, enabled=False):  # scores in fp32
             candidates = quantize(teacher_output.detach().float())  # (B, 3, H, W): exactly what is stored
-            teacher_scores = self.scorer(candidates).float().cpu()
-            student_scores = self.scorer(student_output.detach().float().clamp(0, 1)).float().cpu()
+            teacher_scores = self.scorer(candidates).double().cpu()  # float64, like the stored scores
+            student_scores = self.scorer(student_output.detach().float().clamp(0, 1)).double().cpu()
 
         worst = math.inf if self.scorer.lower_better else -math.inf
         entries = [self._entries.get(key) for key in keys]
-        bank_scores = torch.tensor([worst if e is None else e.score for e in entries])
+        bank_scores = torch.tensor([worst if e is None else e.score for e in entries], dtype=torch.float64)
         accepted = self._beats(teacher_scores, student_scores) & self._beats(teacher_scores, bank_scores)
 
         positives = candidates  # an accepted row is copied into the bank before any row is replaced
