@@ -57,15 +57,11 @@ def paired_crop(images: dict[str, Tensor], crop_size: int, generator: torch.Gene
 
 
 def resize_square(image: Tensor, size: int) -> Tensor:
-    """C×H×W uint8 -> C×size×size float in [0, 1] (bilinear, antialiased; aspect ratio not kept).
-
-    Resized in uint8 (torch's fast path, rounded to 8 bits like every image we read), converted after:
-    converting the full-size photo to float first made this the costliest step of an unlabeled sample.
-    """
+    """C×H×W uint8 -> C×size×size float in [0, 1] (bilinear, antialiased; aspect ratio not kept)."""
     resized = F.interpolate(
-        image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        image[None].float() / 255.0, size=(size, size), mode="bilinear", align_corners=False, antialias=True
     )
-    return resized[0].float().div_(255.0)
+    return resized[0].clamp_(0.0, 1.0)
 
 
 STRONG_AUGMENTS = ("paper", "lowlight")
