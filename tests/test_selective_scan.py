@@ -233,7 +233,7 @@ def test_cpu_kernel_rejects_positions_that_are_not_a_permutation():
         for k, v in make_inputs(6, 1, with_d=True, with_z=False, with_bias=False).items()
     }
     for bad in (torch.tensor([0, 1, 2, 3, 4, 4]), torch.tensor([0, 1, 2, 3, 4, 6]), torch.arange(5)):
-        with pytest.raises(RuntimeError, match="positions must be"):
+        with pytest.raises(ValueError, match="positions must be"):
             selective_scan_cpu(**inputs, positions=bad)
 
 

@@ -94,17 +94,30 @@ def _fp32(x: Tensor | None) -> Tensor | None:
     return None if x is None else x.detach().float().contiguous()
 
 
-def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias) -> tuple[Tensor | None, ...]:
+def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, positions) -> tuple[Tensor | None, ...]:
     """The scan's inputs as the kernel reads them: fp32, contiguous, B and C transposed to (B, G, L, N) so
-    that the N values of one step are adjacent."""
-    B_t, C_t = (x.detach().float().transpose(-1, -2).contiguous() for x in (B, C))
+    that the N values of one step are adjacent, and gathered into scan order (row t is step t)."""
+    B_t, C_t = (_step_major(x, positions) for x in (B, C))
     return _fp32(u), _fp32(delta), _fp32(A), B_t, C_t, _fp32(D), _fp32(z), _fp32(delta_bias)
+
+
+def _step_major(x: Tensor, positions: Tensor | None) -> Tensor:
+    """(B, G, N, L) → contiguous fp32 (B, G, L, N) with row t the scan's step t."""
+    x = x.detach().float().transpose(-1, -2)
+    return (x if positions is None else x.index_select(-2, positions)).contiguous()
+
+
+def _memory_order(grad_t: Tensor, positions: Tensor | None) -> Tensor:
+    """A gradient of B or C from the kernel, (B, G, L, N) in scan order → (B, G, N, L) in memory order."""
+    if positions is not None:
+        grad_t = torch.empty_like(grad_t).index_copy_(-2, positions, grad_t)
+    return grad_t.transpose(-1, -2)
 
 
 class _CpuScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, positions):
-        inputs = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias)
+        inputs = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, positions)
         out, last, starts = load_kernel().forward(*inputs, delta_softplus, positions, CHUNK, True)
         ctx.save_for_backward(*inputs, positions, starts)
         ctx.delta_softplus = delta_softplus
@@ -131,12 +144,23 @@ class _CpuScan(torch.autograd.Function):
             _fp32(dlast),
         )
         du, d_delta, dA, dBt, dCt, dD, dz, d_bias = grads
-        grads = (du, d_delta, dA, dBt.transpose(-1, -2), dCt.transpose(-1, -2), dD, dz, d_bias)
+        dB, dC = (_memory_order(grad, positions) for grad in (dBt, dCt))
+        grads = (du, d_delta, dA, dB, dC, dD, dz, d_bias)
         return (
             *(None if dtype is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)),
             None,
             None,
         )
+
+
+def _check_permutation(positions: Tensor, length: int) -> None:
+    """Every index of 0..length-1 exactly once (an out-of-range index lands in the extra bin, so another
+    index is then missing). The kernel checks again before it indexes memory with them."""
+    if positions.shape == (length,):
+        counts = torch.bincount(positions.clamp(0, length), minlength=length + 1)[:length]
+        if bool((counts == 1).all()):
+            return
+    raise ValueError(f"positions must be a permutation of 0..{length - 1}; got {positions[:8].tolist()}...")
 
 
 def selective_scan_cpu(
@@ -161,10 +185,11 @@ def selective_scan_cpu(
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     if positions is not None:
         positions = positions.to(device="cpu", dtype=torch.int64).contiguous()
+        _check_permutation(positions, u.shape[-1])
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
         out, last = _CpuScan.apply(*inputs, delta_softplus, positions)
     else:  # inference: no chunk-entry states to save
-        kernel_inputs = _kernel_inputs(*inputs)
+        kernel_inputs = _kernel_inputs(*inputs, positions)
         out, last, _ = load_kernel().forward(*kernel_inputs, delta_softplus, positions, CHUNK, False)
         out = out.to(u.dtype)
     return (out, last) if return_last_state else out

@@ -5,15 +5,21 @@
 //   y_t  = C_t . h_t + D u_t                     out_t = y_t * silu(z_t)
 //
 // Layouts (all fp32, contiguous): u, delta, z, out: (B, D, L); A: (D, N); Bt, Ct: (B, G, L, N), i.e. B and C
-// transposed so that the N values of one step are adjacent; D, delta_bias: (D,). Channel d reads group
+// transposed so that the N values of one step are adjacent, and in scan order (row t is step t, see below);
+// D, delta_bias: (D,). Channel d reads group
 // d / (D / G). The channels of a block share B_t and C_t, so every per-channel quantity is one 8-lane vector
 // (GCC/Clang vector extensions: one AVX2 register, or two SSE ones) and one load of B_t[n] serves 8 channels.
 // A block walks the sequence in tiles of `chunk` steps, copied into (step, lane) buffers so that the
 // (B, D, L) rows are read and written contiguously.
 //
 // Scan order: optional `positions` (L,) int64, a permutation of 0..L-1: step t of the recurrence reads and
-// writes position positions[t] of every L axis (identity when absent). The 2D mixer scans an image in four
-// orders this way, with every tensor left in row-major memory order: no flipped or transposed copies.
+// writes position positions[t] of u, delta, z, out and their gradients (identity when absent). The 2D mixer
+// scans an image in four orders this way, with those (B, D, L) tensors left in row-major memory order: no
+// flipped or transposed copies of them. Bt and Ct (and dBt, dCt) are the exception: the caller hands them
+// over in scan order. Every block re-reads all of B and C, and in a column-major order consecutive steps
+// lie a whole image row apart, a cache miss per step that the hardware prefetcher does not follow: at
+// 600×400 a column-major scan took 1.7-2.3× the time of a row-major one, 1.4× with B and C gathered.
+// The gather is the one copy of (L, N) that the transpose to (L, N) makes anyway.
 //
 // Memory: the forward stores nothing of size L·N. When a backward will follow it saves the state entering
 // every tile, (B, D, ceil(L / chunk), N). The backward walks the tiles from last to first, recomputes the
@@ -23,6 +29,10 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -41,25 +51,52 @@ inline float lane_sum(Vec v) {
   return sum;
 }
 
-// exp(x) as Cephes' expf: x = k ln2 + r, exp(r) by a degree-7 polynomial, 2^k through the exponent bits.
-// Relative error ~2e-7; inputs are clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stands in for 0).
-inline Vec fast_exp(Vec x) {
-  x = x < -87.0f ? Vec{} - 87.0f : x;
-  x = x > 88.0f ? Vec{} + 88.0f : x;
-  const IVec k = __builtin_convertvector(x * 1.44269504088896341f + 128.5f, IVec) - 128;  // round(x / ln2)
-  const Vec kf = __builtin_convertvector(k, Vec);
-  const Vec r = x - kf * 0.693359375f + kf * 2.12194440e-4f;  // x - k ln2, in two parts
-  Vec p = Vec{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const IVec bits = (k + 127) << 23;
+inline Vec lane_max(Vec a, Vec b) {
+#if defined(__AVX__)
+  return reinterpret_cast<Vec>(_mm256_max_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b)));
+#else
+  return a < b ? b : a;
+#endif
+}
+
+inline Vec lane_min(Vec a, Vec b) {
+#if defined(__AVX__)
+  return reinterpret_cast<Vec>(_mm256_min_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b)));
+#else
+  return a < b ? a : b;
+#endif
+}
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+// 2^x: x = k + r with k = round(x) and |r| <= 1/2; 2^r = 1 + r q(r), q a degree-5 polynomial fitted for
+// relative error, 2^k through the exponent bits. Relative error < 1e-7 (against exp2 in double), and
+// unbiased to 1e-9 on average: a bias would compound over the thousands of steps a slow channel
+// remembers (a fit without p(0) = 1 had 1.2e-7 of it and put the scan 1.6e-4 off a float64 loop at
+// L = 300). x is clamped to [-126, 127] (2^-126 ~ 1.2e-38 stands in for 0). This is the innermost cost of
+// the scan, one per state and step, so it is kept to 13 vector operations: min/max instead of
+// compare-and-blend, and rounding by adding 1.5 * 2^23, which leaves round(x) + 127 (the exponent bias) in
+// the low bits of the sum.
+inline Vec fast_exp2(Vec x) {
+  x = lane_min(lane_max(x, Vec{} - 126.0f), Vec{} + 127.0f);
+  constexpr float kRound = 12582912.0f + 127.0f;
+  const Vec t = x + kRound;
+  const Vec r = x - (t - kRound);
+  IVec bits;
+  std::memcpy(&bits, &t, sizeof bits);
+  bits <<= 23;  // (round(x) + 127) << 23: the float 2^round(x)
   Vec two_k;
   std::memcpy(&two_k, &bits, sizeof two_k);
-  return (p * r * r + r + 1.0f) * two_k;
+  Vec q = Vec{} + 1.5370729670394212e-4f;
+  q = q * r + 1.3399848248809576e-3f;
+  q = q * r + 9.618373587727547e-3f;
+  q = q * r + 5.550329014658928e-2f;
+  q = q * r + 2.4022647738456726e-1f;
+  q = q * r + 6.931471824645996e-1f;
+  return (q * r + 1.0f) * two_k;
 }
+
+inline Vec fast_exp(Vec x) { return fast_exp2(x * kLog2e); }
 
 inline Vec sigmoid(Vec x) { return 1.0f / (1.0f + fast_exp(-x)); }
 
@@ -183,8 +220,8 @@ void load_state(const float* src, const Block& blk, int64_t slots, int64_t slot,
 
 // The block's inputs for one tile: dt (and its pre-softplus value) and u, one lane vector per step.
 struct TileInputs {
-  std::vector<Vec> raw, dt, u, A;  // A: (N lanes) for the whole block
-  explicit TileInputs(int64_t chunk, int64_t N) : raw(chunk), dt(chunk), u(chunk), A(N) {}
+  std::vector<Vec> raw, dt, u, A, A_log2e;  // A and A log2(e): (N lanes) for the whole block
+  explicit TileInputs(int64_t chunk, int64_t N) : raw(chunk), dt(chunk), u(chunk), A(N), A_log2e(N) {}
 
   void load(const float* delta, const float* bias, bool delta_softplus, const float* u_data, const Block& blk,
             int64_t t0, int64_t steps) {
@@ -198,22 +235,24 @@ struct TileInputs {
   }
 };
 
-void load_A(const float* A, const Block& blk, Vec* At) {
+// The block's A (N lanes), and A log2(e) for the decays exp(dt A) = 2^(dt A log2(e)).
+void load_A(const float* A, const Block& blk, Vec* At, Vec* At_log2e) {
   const int64_t N = blk.s.state;
   for (int64_t n = 0; n < N; ++n) {
     At[n] = Vec{};
     for (int64_t c = 0; c < blk.width; ++c) At[n][c] = A[(blk.d0 + c) * N + n];
+    At_log2e[n] = At[n] * kLog2e;
   }
 }
 
 // Advance the state h (N lanes) one step; returns C_t . h_t per lane. With kKeepDecays also writes the decays
 // exp(dt A) (N lanes) for the backward.
 template <bool kKeepDecays>
-inline Vec step(Vec dt, Vec dtu, const Vec* __restrict A, const float* __restrict B_t,
+inline Vec step(Vec dt, Vec dtu, const Vec* __restrict A_log2e, const float* __restrict B_t,
                 const float* __restrict C_t, int64_t N, Vec* __restrict h, Vec* __restrict decay) {
   Vec y{};
   for (int64_t n = 0; n < N; ++n) {
-    const Vec a = fast_exp(dt * A[n]);
+    const Vec a = fast_exp2(dt * A_log2e[n]);
     h[n] = a * h[n] + dtu * B_t[n];
     y += C_t[n] * h[n];
     if constexpr (kKeepDecays) decay[n] = a;
@@ -251,16 +290,16 @@ std::vector<at::Tensor> scan_forward(const at::Tensor& u, const at::Tensor& delt
       const int64_t bg = task / s.blocks_per_group;
       const Block blk = block_of(bg, task % s.blocks_per_group, s);
       const Vec skip = lanes_of(pD, blk);
-      load_A(pA, blk, in.A.data());
+      load_A(pA, blk, in.A.data(), in.A_log2e.data());
       std::fill(h.begin(), h.end(), Vec{});
       for (int64_t tile = 0; tile < s.tiles; ++tile) {
         const int64_t t0 = tile * chunk, steps = std::min(chunk, L - t0);
         if (pstarts) save_state(h.data(), blk, s.tiles, tile, pstarts);
         in.load(pdelta, pbias, delta_softplus, pu, blk, t0, steps);
         for (int64_t j = 0; j < steps; ++j) {
-          const float* B_t = pB + (bg * L + s.at(t0 + j)) * N;
-          const float* C_t = pC + (bg * L + s.at(t0 + j)) * N;
-          y[j] = step<false>(in.dt[j], in.dt[j] * in.u[j], in.A.data(), B_t, C_t, N, h.data(), nullptr) +
+          const float* B_t = pB + (bg * L + t0 + j) * N;
+          const float* C_t = pC + (bg * L + t0 + j) * N;
+          y[j] = step<false>(in.dt[j], in.dt[j] * in.u[j], in.A_log2e.data(), B_t, C_t, N, h.data(), nullptr) +
                  skip * in.u[j];
         }
         if (pz) {
@@ -329,7 +368,7 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
         const Block blk = block_of(bg, block, s);
         const Vec skip = lanes_of(pD, blk);
         Vec dD{}, dbias{};
-        load_A(pA, blk, in.A.data());
+        load_A(pA, blk, in.A.data(), in.A_log2e.data());
         std::fill(dA.begin(), dA.end(), Vec{});
         load_state(pdlast, blk, 1, 0, adjoint.data());
         for (int64_t tile = s.tiles - 1; tile >= 0; --tile) {
@@ -342,9 +381,9 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
           for (int64_t j = 0; j < steps; ++j) {
             Vec* h = &states[j * N];
             std::copy(j > 0 ? h - N : entry.data(), j > 0 ? h : entry.data() + N, h);
-            const int64_t p = s.at(t0 + j);
-            const Vec y = step<true>(in.dt[j], in.dt[j] * in.u[j], in.A.data(), pB + (bg * L + p) * N,
-                                     pC + (bg * L + p) * N, N, h, &decays[j * N]);
+            const int64_t t = t0 + j;
+            const Vec y = step<true>(in.dt[j], in.dt[j] * in.u[j], in.A_log2e.data(), pB + (bg * L + t) * N,
+                                     pC + (bg * L + t) * N, N, h, &decays[j * N]);
             if (pz) {  // through the gate: out = (y + D u) silu(z)
               const Vec sig = sigmoid(z_tile[j]);
               dz_tile[j] = gy[j] * (y + skip * in.u[j]) * sig * (1.0f + z_tile[j] * (1.0f - sig));
@@ -353,11 +392,11 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
           }
           // Adjoint back through the tile.
           for (int64_t j = steps - 1; j >= 0; --j) {
-            const int64_t p = s.at(t0 + j);
-            const float* B_t = pB + (bg * L + p) * N;
-            const float* C_t = pC + (bg * L + p) * N;
-            float* dB_t = dB_bg + p * N;
-            float* dC_t = dC_bg + p * N;
+            const int64_t t = t0 + j;
+            const float* B_t = pB + (bg * L + t) * N;
+            const float* C_t = pC + (bg * L + t) * N;
+            float* dB_t = dB_bg + t * N;
+            float* dC_t = dC_bg + t * N;
             const Vec* h = &states[j * N];
             const Vec* h_prev = j > 0 ? h - N : entry.data();
             const Vec* a = &decays[j * N];
