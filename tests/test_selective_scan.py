@@ -150,6 +150,23 @@ def test_cpu_kernel_softplus_and_exp_hold_across_their_range():
     assert_match(actual, expected, torch.float32)
 
 
+def test_cpu_kernel_lets_a_nan_through_like_the_reference():
+    """A NaN in delta must reach the output, not be clamped into a zero decay: the trainer's non-finite
+    checks depend on seeing it. The kernel's exponential clamps its argument, and a careless min/max order
+    turns NaN into the clamp bound."""
+    inputs = {
+        k: None if v is None else v.detach()
+        for k, v in make_inputs(70, 1, with_d=True, with_z=False, with_bias=False).items()
+    }
+    inputs["delta"][0, 3, 20] = float("nan")
+    expected = selective_scan_reference(**inputs, delta_softplus=True)
+    actual = selective_scan_cpu(**inputs, delta_softplus=True)
+    assert torch.isnan(expected[0, 3, 20:]).all()  # the state carries it to every later step
+    torch.testing.assert_close(torch.isnan(actual), torch.isnan(expected))
+    finite = ~torch.isnan(expected)
+    torch.testing.assert_close(actual[finite], expected[finite], **TOLERANCES[torch.float32])
+
+
 def test_torch_backend_on_cpu_runs_the_cpp_kernel_and_falls_back_without_it(monkeypatch):
     inputs = make_inputs(65, 4, with_d=True, with_z=True, with_bias=True)
     assert cpu_kernel.load_kernel() is not None, "the C++ kernel should build on a machine with g++ and ninja"

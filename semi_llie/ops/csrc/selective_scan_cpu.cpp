@@ -51,19 +51,15 @@ inline float lane_sum(Vec v) {
   return sum;
 }
 
-inline Vec lane_max(Vec a, Vec b) {
+// x clamped to [lo, hi], NaN kept as NaN (so that a NaN input still shows in the output). The AVX min and
+// max return their second operand when either is NaN, hence x second; one instruction each, where a
+// compare-and-blend takes two.
+inline Vec clamp(Vec x, float lo, float hi) {
 #if defined(__AVX__)
-  return reinterpret_cast<Vec>(_mm256_max_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b)));
+  const __m256 low = _mm256_max_ps(_mm256_set1_ps(lo), reinterpret_cast<__m256>(x));
+  return reinterpret_cast<Vec>(_mm256_min_ps(_mm256_set1_ps(hi), low));
 #else
-  return a < b ? b : a;
-#endif
-}
-
-inline Vec lane_min(Vec a, Vec b) {
-#if defined(__AVX__)
-  return reinterpret_cast<Vec>(_mm256_min_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b)));
-#else
-  return a < b ? a : b;
+  return x < lo ? Vec{} + lo : (x > hi ? Vec{} + hi : x);
 #endif
 }
 
@@ -74,11 +70,10 @@ constexpr float kLog2e = 1.44269504088896341f;
 // unbiased to 1e-9 on average: a bias would compound over the thousands of steps a slow channel
 // remembers (a fit without p(0) = 1 had 1.2e-7 of it and put the scan 1.6e-4 off a float64 loop at
 // L = 300). x is clamped to [-126, 127] (2^-126 ~ 1.2e-38 stands in for 0). This is the innermost cost of
-// the scan, one per state and step, so it is kept to 13 vector operations: min/max instead of
-// compare-and-blend, and rounding by adding 1.5 * 2^23, which leaves round(x) + 127 (the exponent bias) in
-// the low bits of the sum.
+// the scan, one per state and step, so it is kept to 13 vector operations: `clamp`, and rounding by adding
+// 1.5 * 2^23, which leaves round(x) + 127 (the exponent bias) in the low bits of the sum.
 inline Vec fast_exp2(Vec x) {
-  x = lane_min(lane_max(x, Vec{} - 126.0f), Vec{} + 127.0f);
+  x = clamp(x, -126.0f, 127.0f);
   constexpr float kRound = 12582912.0f + 127.0f;
   const Vec t = x + kRound;
   const Vec r = x - (t - kRound);
