@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from semi_llie.data.augment import dihedral, resize_square, strong_view  # noqa: E402
+from semi_llie.data.augment import dihedral, resize_square, strong_view, undo_dihedral  # noqa: E402
 from semi_llie.data.images import load_rgb8  # noqa: E402
 from semi_llie.inference.loading import load_enhancer  # noqa: E402
 
@@ -73,12 +73,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def spearman(x: list[float], y: list[float]) -> float:
     rank_x, rank_y = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
     return float(np.corrcoef(rank_x, rank_y)[0, 1])
-
-
-def undo_dihedral(image: torch.Tensor, index: int) -> torch.Tensor:
-    """The inverse of `dihedral(·, index)`: undo the flip, then the quarter turns."""
-    image = image.flip(-1) if index >= 4 else image
-    return torch.rot90(image, -(index % 4), dims=(-2, -1))
 
 
 def read_uint8(path: Path) -> torch.Tensor:

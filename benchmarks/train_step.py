@@ -47,7 +47,7 @@ def mean_teacher_step(student, teacher, objective, optimizer, images, index: int
     low, high, weak, strong = images
     with torch.autocast(low.device.type, dtype=torch.bfloat16, enabled=bf16):
         output, output_grad = student(low)
-        pseudo = teacher(weak)[0].float().clamp(0, 1)
+        pseudo = teacher.pseudo_label(weak, None)
         strong_output, _ = student(strong)
         loss, _ = objective(
             pred=output,

@@ -109,6 +109,9 @@ class BankConfig(Block):
 
 class TeacherConfig(Block):
     decay: float = Field(0.996, gt=0, lt=1)  # upper bound of α_t = min(1 - 1/(t+1), decay)
+    # Pseudo-label: the teacher on the weak view (the paper), or averaged over the view's 8 dihedral
+    # symmetries (docs/results/label_efficiency.md measures both).
+    pseudo_label: Literal["weak", "dihedral8"] = "weak"
 
 
 class OptimConfig(Block):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from semi_llie.data.augment import dihedral, undo_dihedral
 from semi_llie.method.teacher import EMATeacher, ema_decay
 from semi_llie.models import TINY_MODEL_CONFIG, build_model
 
@@ -97,3 +99,42 @@ def test_state_dict_round_trip_keeps_weights_and_step():
         teacher.model.state_dict().items(), restored.model.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def numpy_dihedral(image: np.ndarray, index: int) -> np.ndarray:
+    """Written independently of augment.dihedral: quarter turns counter-clockwise, then a left-right flip."""
+    image = np.rot90(image, index % 4, axes=(-2, -1))
+    return np.flip(image, -1) if index >= 4 else image
+
+
+def test_dihedral_transforms_are_the_eight_symmetries_and_undo_inverts_them():
+    image = torch.arange(2 * 5 * 5, dtype=torch.float32).reshape(1, 2, 5, 5)
+    seen = set()
+    for k in range(8):
+        transformed = dihedral(image, k)
+        np.testing.assert_array_equal(transformed.numpy(), numpy_dihedral(image.numpy(), k))
+        assert torch.equal(undo_dihedral(transformed, k), image)
+        seen.add(transformed.numpy().tobytes())
+    assert len(seen) == 8
+
+
+def test_dihedral_pseudo_label_is_the_mean_of_the_eight_undone_teacher_outputs():
+    torch.manual_seed(0)
+    teacher = EMATeacher(build_model(TINY_MODEL_CONFIG))
+    weak, illum = torch.rand(2, 3, 12, 12), torch.rand(2, 3, 12, 12)
+    expected = np.zeros((2, 3, 12, 12))
+    for k in range(8):  # one view at a time, transforms from numpy, inverse by transforming back k's inverse
+        view = torch.from_numpy(numpy_dihedral(weak.numpy(), k).copy())
+        view_illum = torch.from_numpy(numpy_dihedral(illum.numpy(), k).copy())
+        output = teacher.model(view, view_illum)[0].numpy()
+        inverse = {1: 3, 3: 1}.get(k, k)  # flips and the half turn are their own inverses
+        expected += numpy_dihedral(output, inverse) / 8
+    averaged = teacher.pseudo_label(weak, illum, symmetries=8)
+    np.testing.assert_allclose(averaged.numpy(), np.clip(expected, 0, 1), atol=1e-5)
+    single = teacher.pseudo_label(weak, illum)
+    torch.testing.assert_close(single, teacher.model(weak, illum)[0].clamp(0, 1))
+    assert (
+        averaged - single
+    ).abs().max() > 1e-4  # the scans are not equivariant: the average is not one view
+    with pytest.raises(ValueError, match="square"):
+        teacher.pseudo_label(torch.rand(1, 3, 8, 12), None, symmetries=8)

@@ -351,6 +351,30 @@ def test_sigterm_saves_a_checkpoint_exits_75_and_resumes(tmp_path, tiny_shards):
 
 
 @pytest.mark.slow
+def test_dihedral_pseudo_labels_reach_the_bank(tmp_path, tiny_shards):
+    # Same seed and data; only teacher.pseudo_label differs, so the bank's stored positives must differ.
+    from test_resume_and_ranks import bank_at
+
+    banks = {}
+    for kind in ("weak", "dihedral8"):
+        overrides = tiny_overrides(
+            tiny_shards,
+            tmp_path / kind,
+            f"teacher.pseudo_label={kind}",
+            "train.max_steps=2",
+            "train.checkpoint_every=2",
+            "train.validate_every=2",
+            "tracking.enabled=false",
+        )
+        result = run_cli("train", "--config", str(TINY_CONFIG), *overrides, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        banks[kind] = bank_at(checkpointing.checkpoints_root(tmp_path / kind) / "step-2")
+    assert banks["weak"] and banks["weak"].keys() == banks["dihedral8"].keys()
+    for key, (pixels, *_) in banks["weak"].items():
+        assert (pixels.float() - banks["dihedral8"][key][0].float()).abs().max() > 1e-3, key
+
+
+@pytest.mark.slow
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, tiny_shards):
     # lr 1e30 blows the weights up after the first step: every later loss is infinite.
     overrides = tiny_overrides(

@@ -40,6 +40,12 @@ def dihedral(image: Tensor, index: int) -> Tensor:
     return image.flip(-1) if index >= 4 else image
 
 
+def undo_dihedral(image: Tensor, index: int) -> Tensor:
+    """The inverse of `dihedral(·, index)`: undo the flip, then the quarter turns."""
+    image = image.flip(-1) if index >= 4 else image
+    return torch.rot90(image, -(index % 4), dims=(-2, -1))
+
+
 def paired_crop(images: dict[str, Tensor], crop_size: int, generator: torch.Generator) -> dict[str, Tensor]:
     """The same random crop and dihedral transform of every C×H×W image (all the same size).
 

@@ -55,7 +55,8 @@ def forward_backward(
             output, output_grad = student(labeled["low"], labeled["illum"])  # B×3×crop×crop each
             strong_output = positive = None
             if unlabeled is not None:
-                pseudo = teacher(unlabeled["weak"], unlabeled["illum"])[0].float().clamp(0, 1)  # B×3×S×S
+                symmetries = 8 if run.cfg.teacher.pseudo_label == "dihedral8" else 1
+                pseudo = teacher.pseudo_label(unlabeled["weak"], unlabeled["illum"], symmetries)  # B×3×S×S
                 strong_output, _ = student(unlabeled["strong"], unlabeled["illum"])  # B×3×S×S
                 positive = pseudo
                 if bank is not None:

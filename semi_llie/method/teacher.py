@@ -3,7 +3,7 @@
     teacher = EMATeacher(student, decay=0.996)       # exact copy of the (unwrapped) student
     ...optimizer.step()...
     teacher.update(student, step=global_step)        # α_t = min(1 - 1/(t+1), decay)
-    pseudo_label = teacher(weak_view)[0]             # eval mode, no grad
+    pseudo_label = teacher.pseudo_label(weak, illum)  # eval mode, no grad; symmetries=8 averages 8 views
 
 The teacher is kept out of `accelerator.prepare` (like diffusers' EMA): it is never trained, wrapped
 or sharded, so every rank holds the same full copy and updates it from the same all-reduced student.
@@ -15,7 +15,9 @@ import copy
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from semi_llie.data.augment import dihedral, undo_dihedral
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -72,6 +74,27 @@ class EMATeacher:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The teacher's prediction, e.g. (y, grad_y) for MambaLowlight; never builds a graph."""
         return self.model(*args, **kwargs)
+
+    @torch.no_grad()
+    def pseudo_label(self, weak: Tensor, illum: Tensor | None, symmetries: int = 1) -> Tensor:
+        """The teacher's pseudo-label of B×3×S×S weak views (illumination maps or None), fp32 in [0, 1].
+
+        symmetries=8 averages the teacher over the 8 dihedral transforms of each view, each undone on its
+        output: the scan directions make the model not equivariant, so the 8 outputs differ and their mean
+        is a better target than any one of them. The 8 transforms run as one 8B batch.
+        """
+        if symmetries == 1:
+            return self.model(weak, illum)[0].float().clamp(0, 1)
+        if symmetries != 8:
+            raise ValueError(f"symmetries must be 1 or 8, got {symmetries}")
+        if weak.shape[-1] != weak.shape[-2]:
+            raise ValueError(f"dihedral pseudo-labels need square views, got {tuple(weak.shape[-2:])}")
+        batch = weak.shape[0]
+        views = torch.cat([dihedral(weak, k) for k in range(8)])  # 8B×3×S×S, transform k at [kB, (k+1)B)
+        illums = None if illum is None else torch.cat([dihedral(illum, k) for k in range(8)])
+        outputs = self.model(views, illums)[0].float()
+        undone = [undo_dihedral(outputs[k * batch : (k + 1) * batch], k) for k in range(8)]
+        return torch.stack(undone).mean(0).clamp(0, 1)
 
     def state_dict(self) -> dict[str, Any]:
         """{"model": teacher weights (plain model keys), "step": last update step, "decay": decay}."""
