@@ -103,6 +103,20 @@ def test_nan_score_or_non_finite_output_never_enters_the_bank():
     assert result.accepted.tolist() == [False, False] and len(bank) == 0
 
 
+@pytest.mark.parametrize("lower_better", [False, True])
+def test_a_student_output_the_metric_cannot_score_loses_to_a_scored_teacher(lower_better):
+    # NaN for dark images (the student's flat 0.1), the brightness otherwise.
+    scorer = FunctionScorer(
+        lambda x: torch.where(x.mean((1, 2, 3)) < 0.2, float("nan"), x.mean((1, 2, 3))),
+        name="dark-is-nan",
+        lower_better=lower_better,
+    )
+    bank = ReliableBank(scorer)
+    result = bank.update(["a", "b"], indices(2), flat(0.5, 0.1), flat(0.1, 0.1), step=0)
+    assert result.accepted.tolist() == [True, False]  # b: the teacher's own score is NaN
+    assert bank.get("a").score == pytest.approx(0.5, abs=1e-5) and bank.get("b") is None
+
+
 def test_entries_are_lossless_16_bit():
     bank = ReliableBank(brightness())
     image = (torch.rand(1, 3, 16, 16) * 1.2 - 0.1).clamp(0.01, 1)  # in range, any values

@@ -164,6 +164,9 @@ class ReliableBank:
             student_scores = self.scorer(student_output.detach().float().clamp(0, 1)).double().cpu()
 
         worst = math.inf if self.scorer.lower_better else -math.inf
+        # A student output the metric cannot score (NaN, e.g. a flat early output) is beaten by any finite
+        # teacher score; a NaN teacher score never wins, since every comparison with NaN is false.
+        student_scores = torch.nan_to_num(student_scores, nan=worst)
         entries = [self._entries.get(key) for key in keys]
         bank_scores = torch.tensor([worst if e is None else e.score for e in entries], dtype=torch.float64)
         accepted = self._beats(teacher_scores, student_scores) & self._beats(teacher_scores, bank_scores)
