@@ -91,6 +91,9 @@ class DataConfig(Block):
     # The strong view: METHOD §2's colour jitter, grayscale and blur ("paper"), or exposure, sensor noise and
     # blur ("lowlight", semi_llie.data.augment.lowlight_strong_view).
     strong_augment: Literal["paper", "lowlight"] = "paper"
+    # The labeled low crop as decoded ("none", the paper) or retaken at ×U(0.5, 1.5) exposure ("exposure",
+    # semi_llie.data.augment.random_exposure): the lowlight strong view's exposure change on labeled pairs.
+    labeled_augment: Literal["none", "exposure"] = "none"
     num_workers: int = Field(2, ge=0)
     seed: int = 2022
     # An undecodable sample or a truncated shard stops training with an error naming it (false), or is

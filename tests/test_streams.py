@@ -64,6 +64,24 @@ def test_cached_decoding_gives_the_same_batches_and_decodes_each_pair_once(shard
     assert len(decoded) == 6 * 3  # low, high and illum of each pair, decoded in the first epoch only
 
 
+def test_exposure_augment_rescales_only_the_low_crop_in_linear_light(shards):
+    def batches(**kwargs):
+        return take(labeled_loader(shards, batch_size=3, crop_size=32, seed=5, **kwargs), 4)
+
+    factors = []
+    for plain, jittered in zip(batches(), batches(augment="exposure"), strict=True):
+        assert plain["key"] == jittered["key"]  # same samples, same crops: the draw comes after the crop
+        assert torch.equal(plain["high"], jittered["high"]) and torch.equal(plain["illum"], jittered["illum"])
+        for before, after in zip(plain["low"].double(), jittered["low"].double(), strict=True):
+            # one gain for the whole crop in linear light (x ** 2.2), wherever neither side is clipped (at
+            # 1) or so dark that float32 rounding dominates the ratio
+            usable = (before > 0.01) & (after < 0.99)
+            ratio = after[usable] ** 2.2 / before[usable] ** 2.2
+            assert usable.sum() > 100 and ratio.std() / ratio.mean() < 1e-4
+            factors.append(ratio.mean().item())
+    assert 0.5 <= min(factors) and max(factors) <= 1.5 and max(factors) - min(factors) > 0.3
+
+
 def test_images_smaller_than_the_crop_are_padded(shards):
     batch = take(labeled_loader(shards, batch_size=2, crop_size=80, seed=0), 1)[0]  # images are 64×96
     assert batch["low"].shape == (2, 3, 80, 80)
@@ -164,7 +182,13 @@ def test_resumed_stream_equals_the_uninterrupted_one(shards, num_workers):
     # 6 labeled samples, batch 2: 9 batches cross epoch boundaries, so whole-epoch skipping is exercised.
     def loader(start_batch):
         return labeled_loader(
-            shards, batch_size=2, crop_size=32, seed=7, num_workers=num_workers, start_batch=start_batch
+            shards,
+            batch_size=2,
+            crop_size=32,
+            seed=7,
+            num_workers=num_workers,
+            start_batch=start_batch,
+            augment="exposure",  # a random draw per sample after the crop: must replay on resume too
         )
 
     full = take(loader(0), 9)

@@ -6,7 +6,7 @@ Python API used by the trainer (and `evaluate`):
         location: a shard folder, a URL (https://..., gs://...), or `pipe:CMD {}` ({} = file name).
         .shards_of(split, subset=None), .num_samples(split), .data (the manifest.json dict).
     labeled_loader(location, batch_size, crop_size=256, *, seed, rank, world_size, num_workers,
-                   start_batch=0) -> infinite DataLoader of
+                   start_batch=0, augment="none"|"exposure") -> infinite DataLoader of
         {"key": [str], "low", "high", "illum": B×3×crop×crop float in [0, 1]}
     unlabeled_loader(location, batch_size, unlabeled_size=256, *, seed, rank, world_size, num_workers,
                      start_batch=0) -> infinite DataLoader of

@@ -70,14 +70,18 @@ def resize_square(image: Tensor, size: int) -> Tensor:
     return resized[0].clamp_(0.0, 1.0)
 
 
-STRONG_AUGMENTS = ("paper", "lowlight")
-
-
 def strong_view(weak: Tensor, generator: torch.Generator, kind: str = "paper") -> Tensor:
     """The strong view of a 3×S×S float image in [0, 1]: `paper_strong_view` or `lowlight_strong_view`."""
     if kind == "lowlight":
         return lowlight_strong_view(weak, generator)
     return paper_strong_view(weak, generator)
+
+
+def random_exposure(image: Tensor, generator: torch.Generator) -> Tensor:
+    """The image taken with ×U(0.5, 1.5) the light: the gain applies in linear light (sRGB ≈ gamma 2.2
+    decoded, scaled, clipped to [0, 1] as a sensor saturates, re-encoded). C×H×W float in [0, 1] -> same."""
+    linear = image.clamp(0.0, 1.0) ** 2.2
+    return (linear * _uniform(generator, 0.5, 1.5)).clamp(0.0, 1.0) ** (1 / 2.2)
 
 
 def lowlight_strong_view(weak: Tensor, generator: torch.Generator) -> Tensor:
@@ -91,8 +95,7 @@ def lowlight_strong_view(weak: Tensor, generator: torch.Generator) -> Tensor:
     enhanced image should look like; asking the student to map a grey or hue-shifted input to the teacher's
     colour output teaches it to wash colours out (docs/results/label_efficiency.md).
     """
-    linear = weak.clamp(0.0, 1.0) ** 2.2
-    image = (linear * _uniform(generator, 0.5, 1.5)).clamp(0.0, 1.0) ** (1 / 2.2)
+    image = random_exposure(weak, generator)
     if _chance(generator, 0.8):
         shot, read = _uniform(generator, 0.0, 0.004), _uniform(generator, 0.0, 0.02)
         noise = torch.randn(image.shape, generator=generator)

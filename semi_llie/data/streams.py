@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from semi_llie.data.augment import paired_crop, resize_square, strong_view
+from semi_llie.data.augment import paired_crop, random_exposure, resize_square, strong_view
 from semi_llie.data.images import decode_png
 from semi_llie.data.manifest import Manifest, ShardEntry
 from semi_llie.errors import UserError
@@ -223,11 +223,15 @@ class LabeledSample:
     With `cache_decoded` the decoded pairs stay in memory (9 bytes per pixel per pair, in each reader):
     small crops of large images, many per batch, otherwise spend the step decoding whole PNGs (on LOL more
     than the model's step: docs/results/design_measurements.md).
+    `augment="exposure"` retakes the low crop with ×U(0.5, 1.5) the light (`random_exposure`); the target and
+    the illumination map stay as they are, so the model learns that the input's exposure does not change
+    the answer (the supervised control of the lowlight strong view: docs/results/label_efficiency.md).
     """
 
-    def __init__(self, crop_size: int, cache_decoded: bool = False) -> None:
+    def __init__(self, crop_size: int, cache_decoded: bool = False, augment: str = "none") -> None:
         self.crop_size = crop_size
         self.decoded: dict[str, dict[str, Tensor]] | None = {} if cache_decoded else None
+        self.augment = augment
 
     def __call__(self, raw: RawSample, generator: torch.Generator) -> dict[str, Any]:
         images = self.decoded.get(raw["__key__"]) if self.decoded is not None else None
@@ -236,7 +240,10 @@ class LabeledSample:
             if self.decoded is not None:
                 self.decoded[raw["__key__"]] = images
         crops = paired_crop(images, self.crop_size, generator)  # each 3×crop×crop uint8
-        return {"key": raw["__key__"], **{name: crop.float() / 255.0 for name, crop in crops.items()}}
+        sample = {"key": raw["__key__"], **{name: crop.float() / 255.0 for name, crop in crops.items()}}
+        if self.augment == "exposure":
+            sample["low"] = random_exposure(sample["low"], generator)
+        return sample
 
 
 class UnlabeledSample:
@@ -400,17 +407,19 @@ def labeled_loader(
     skip_bad: bool = False,
     known_bad: frozenset[str] = frozenset(),
     cache_decoded: bool = False,
+    augment: str = "none",
 ) -> DataLoader:
     """Infinite loader of labeled batches `{"key": [str], "index": B, "low", "high", "illum": B×3×crop×crop,
     "skipped": [str]}`.
 
     `start_batch` = batches this rank already consumed (from the checkpoint); the loader continues there.
-    `cache_decoded` keeps the decoded pairs in memory after their first use (see `LabeledSample`).
+    `cache_decoded` keeps the decoded pairs in memory after their first use, `augment` ("none" or
+    "exposure") changes the low crop's exposure (see `LabeledSample`).
     """
     stream = TrainingStream(
         open_location(location),
         "labeled",
-        LabeledSample(crop_size, cache_decoded),
+        LabeledSample(crop_size, cache_decoded, augment),
         batch_size,
         seed=seed,
         rank=rank,

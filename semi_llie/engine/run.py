@@ -99,6 +99,7 @@ class Streams:
                 cfg.data.batch_size_labeled,
                 cfg.data.crop_size,
                 cache_decoded=cfg.data.cache_labeled,
+                augment=cfg.data.labeled_augment,
                 known_bad=known_bad["labeled"],
                 **common,
             )
