@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import statistics
 import tarfile
 from pathlib import Path
 
@@ -14,10 +16,10 @@ from shard_helpers import make_dataset, save, smooth_image
 
 from semi_llie.cli import main as cli
 from semi_llie.data.build import BuildConfig, build_shards
-from semi_llie.data.build_cli import summary
+from semi_llie.data.build_cli import statistics_lines, summary
 from semi_llie.data.illumination import illumination_map
 from semi_llie.data.images import load_rgb8
-from semi_llie.data.manifest import input_statistics
+from semi_llie.data.manifest import input_statistics, unlabeled_brightness_check
 from semi_llie.data.sources import sample_key
 from semi_llie.errors import UserError
 
@@ -91,6 +93,64 @@ def test_manifest_gives_the_labeled_inputs_statistics(built):
         del record["low_moments"]
     assert input_statistics(manifest["samples"]) is None
     assert "input_mean" not in summary(manifest, built)
+
+
+def naive_brightness_outside(samples: list[dict]) -> list[str]:
+    """Unlabeled keys whose mean brightness is outside exp(mean ± 2 sample std) of the labeled lows' log
+    brightness, from the images' pixels, with the standard library."""
+
+    def brightness(record):
+        pixels = load_rgb8(Path(record["sources"]["low"]["path"]))
+        return max(pixels.mean() / 255.0, 0.5 / 255)
+
+    logs = [math.log(brightness(r)) for r in samples if r["split"] == "labeled"]
+    centre, spread = statistics.mean(logs), statistics.stdev(logs)
+    return sorted(
+        r["key"]
+        for r in samples
+        if r["split"] == "unlabeled" and abs(math.log(brightness(r)) - centre) > 2 * spread
+    )
+
+
+def test_manifest_flags_unlabeled_photos_exposed_unlike_the_labeled_lows(tmp_path, capsys):
+    # Real images only: LOL lows labeled, SICE photos (another camera, brighter) unlabeled.
+    data = make_dataset(tmp_path / "data", n_lol=6, n_synthetic=0, n_unlabeled=3)
+    assert build(tmp_path / "shards", data, "--workers", "0") == 0
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    expected = naive_brightness_outside(manifest["samples"])
+    assert len(expected) == 3 and manifest["flags"]["unlabeled_unlike_labeled"] == expected
+    report = capsys.readouterr().out
+    assert "3 of 3 outside their band" in report
+    assert "warning: the unlabeled images are exposed unlike the labeled lows" in report
+
+
+def fake_records(labeled: list[float], unlabeled: list[float]) -> list[dict]:
+    """Manifest records whose low images have these mean brightnesses (equal in R, G, B)."""
+    return [
+        {"key": f"{split}_{i}", "split": split, "low_moments": [[value] * 3, [value**2] * 3]}
+        for split, values in (("labeled", labeled), ("unlabeled", unlabeled))
+        for i, value in enumerate(values)
+    ]
+
+
+def test_brightness_check_band_is_log_normal_and_warns_on_a_brighter_set():
+    lows = [0.02, 0.04, 0.05, 0.08]  # log mean ≈ log 0.045, band ≈ 0.015-0.13
+    logs = [math.log(v) for v in lows]
+    centre, spread = statistics.mean(logs), statistics.stdev(logs)
+    band = (math.exp(centre - 2 * spread), math.exp(centre + 2 * spread))
+    # Just inside and just outside each edge of the band, plus black (floored at half a level, not log 0).
+    inside = [band[0] * 1.01, band[1] * 0.99]
+    records = fake_records(lows, [*inside, band[0] * 0.99, band[1] * 1.01, 0.0])
+    check = unlabeled_brightness_check(records)
+    assert check.band == pytest.approx(band)
+    assert check.outside == ["unlabeled_2", "unlabeled_3", "unlabeled_4"]
+    assert check.labeled_median == pytest.approx(0.045)
+
+    similar = statistics_lines({"samples": fake_records(lows, [0.03, 0.06, 0.05])})
+    assert len(similar) == 2 and "x1.11" in similar[1]  # medians 0.05 / 0.045: no warning
+    brighter = statistics_lines({"samples": fake_records(lows, [0.2, 0.3, 0.25])})
+    assert "x5.56" in brighter[1] and brighter[2].startswith("warning: the unlabeled images are exposed")
+    assert unlabeled_brightness_check(fake_records([0.05], [0.05])) is None  # no spread from one image
 
 
 def test_tar_metadata_is_fixed(built):
@@ -320,6 +380,7 @@ def test_parts_merged_equal_the_whole_build(built, dataset, tmp_path, capsys):
     assert without_shard(merged["samples"]) == without_shard(whole["samples"])
     assert merged["splits"]["labeled"]["samples"] == whole["splits"]["labeled"]["samples"]
     assert merged["builder"]["arguments"] == whole["builder"]["arguments"]
+    assert merged["flags"] == whole["flags"]  # the brightness band from all parts' labeled lows
     assert members(tmp_path) == members(built)
     assert all("-part" in s["name"] for s in merged["shards"])
     assert cli(["shards", "verify", str(tmp_path)]) == 0

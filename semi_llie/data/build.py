@@ -23,13 +23,20 @@ from tqdm import tqdm
 
 from semi_llie.data.illumination import illumination_map, perceptual_hash
 from semi_llie.data.images import encode_png, load_rgb8
-from semi_llie.data.manifest import FORMAT, MANIFEST_NAME, VERSION, part_manifest_name
+from semi_llie.data.manifest import (
+    FORMAT,
+    MANIFEST_NAME,
+    VERSION,
+    part_manifest_name,
+    unlabeled_brightness_check,
+)
 from semi_llie.data.problems import SkippableInputError
 from semi_llie.data.sources import SPLITS, Sample, collect_inputs
 from semi_llie.errors import UserError
 from semi_llie.fileio import commit, temporary_path, write_json_atomic
 
 SMALL_FLAG = "smaller_than_crop"
+BRIGHTNESS_FLAG = "unlabeled_unlike_labeled"
 
 
 @dataclass(frozen=True)
@@ -251,6 +258,7 @@ def manifest_dict(
     parts: int | None = None,
 ) -> dict[str, Any]:
     records = sorted(records, key=lambda r: (SPLITS.index(r["split"]), r["subset"], r["key"]))
+    brightness = None if part else unlabeled_brightness_check(records)  # a part sees only its own samples
     splits = {
         split: {
             "samples": sum(s["samples"] for s in shards if s["split"] == split),
@@ -270,7 +278,10 @@ def manifest_dict(
         "splits": splits,
         "shards": shards,
         "samples": records,
-        "flags": {SMALL_FLAG: [r["key"] for r in records if SMALL_FLAG in r["flags"]]},
+        "flags": {
+            SMALL_FLAG: [r["key"] for r in records if SMALL_FLAG in r["flags"]],
+            BRIGHTNESS_FLAG: brightness.outside if brightness else [],
+        },
         "skipped": _unique_sorted(skipped),
         "ignored": sorted(set(ignored)),
     }

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from semi_llie.data.build import BuildConfig, build_shards
-from semi_llie.data.manifest import input_statistics
+from semi_llie.data.manifest import BrightnessCheck, input_statistics, unlabeled_brightness_check
 from semi_llie.errors import UserError
 
 
@@ -153,12 +153,33 @@ def summary(manifest: dict, out: Path) -> str:
 
 
 def statistics_lines(manifest: dict) -> list[str]:
-    """The labeled inputs' per-channel statistics, for the model config (none for old manifests)."""
+    """The labeled inputs' per-channel statistics, for the model config, and how the unlabeled images'
+    brightness compares with the labeled lows' (nothing for manifests without per-sample moments)."""
+    lines = []
     statistics = input_statistics(manifest["samples"])
-    if statistics is None:
-        return []
-    mean, std = statistics
-    return [f"labeled inputs per channel: mean {mean}, std {std} (model.input_mean / input_std)"]
+    if statistics is not None:
+        mean, std = statistics
+        lines.append(f"labeled inputs per channel: mean {mean}, std {std} (model.input_mean / input_std)")
+    check = unlabeled_brightness_check(manifest["samples"])
+    if check is not None:
+        lines += _brightness_lines(check)
+    return lines
+
+
+def _brightness_lines(check: BrightnessCheck) -> list[str]:
+    low, high = check.band
+    lines = [
+        f"unlabeled brightness: median {check.unlabeled_median:.3f} against the labeled lows' "
+        f"{check.labeled_median:.3f} (x{check.median_ratio:.2f}); {len(check.outside)} of "
+        f"{check.unlabeled} outside their band {low:.3f}-{high:.3f} (flags.unlabeled_unlike_labeled)"
+    ]
+    if not 0.5 <= check.median_ratio <= 2:
+        lines.append(
+            "warning: the unlabeled images are exposed unlike the labeled lows; unlabeled photos from "
+            "other cameras made the teacher worse in docs/results/label_efficiency.md: prefer images "
+            "like the ones you will enhance"
+        )
+    return lines
 
 
 def _part(text: str) -> tuple[int, int]:

@@ -99,6 +99,55 @@ def input_statistics(samples: list[dict[str, Any]]) -> tuple[list[float], list[f
     return np.round(means, 4).tolist(), np.round(std, 4).tolist()
 
 
+@dataclass(frozen=True)
+class BrightnessCheck:
+    """How the unlabeled images' exposure compares with the labeled lows' (mean brightness in [0, 1]).
+
+    Where the unlabeled images come from decides whether they help (docs/results/label_efficiency.md), and
+    exposure is the plainest sign of another camera or scene: the builder reports how far the unlabeled set
+    lies from the labeled lows, the images the model is trained and judged on.
+    """
+
+    band: tuple[float, float]  # exp(mean ± 2 std) of the labeled lows' log brightness
+    labeled_median: float
+    unlabeled_median: float
+    outside: list[str]  # keys of unlabeled samples outside the band
+    unlabeled: int
+
+    @property
+    def median_ratio(self) -> float:
+        return self.unlabeled_median / self.labeled_median
+
+
+def unlabeled_brightness_check(samples: list[dict[str, Any]]) -> BrightnessCheck | None:
+    """Compare each unlabeled image's mean brightness with the labeled lows' (log-normal band of ±2 std).
+
+    Log scale: exposure is multiplicative, so a photo twice as bright is as far above the band as one half as
+    bright is below it. None without per-sample moments, without unlabeled images or with under 2 labeled.
+    """
+    labeled = [s for s in samples if s["split"] == "labeled"]
+    unlabeled = [s for s in samples if s["split"] == "unlabeled"]
+    if len(labeled) < 2 or not unlabeled or any("low_moments" not in s for s in labeled + unlabeled):
+        return None
+    labeled_brightness = [_brightness(s) for s in labeled]
+    log_labeled = np.log(labeled_brightness)
+    centre, spread = log_labeled.mean(), log_labeled.std(ddof=1)
+    low, high = float(np.exp(centre - 2 * spread)), float(np.exp(centre + 2 * spread))
+    brightness = {s["key"]: _brightness(s) for s in unlabeled}
+    return BrightnessCheck(
+        band=(low, high),
+        labeled_median=float(np.median(labeled_brightness)),
+        unlabeled_median=float(np.median(list(brightness.values()))),
+        outside=sorted(key for key, value in brightness.items() if not low <= value <= high),
+        unlabeled=len(unlabeled),
+    )
+
+
+def _brightness(sample: dict[str, Any]) -> float:
+    """Mean over pixels and channels of the low image, floored at half an 8-bit level (log of black)."""
+    return max(float(np.mean(sample["low_moments"][0])), 0.5 / 255)
+
+
 def resolve(location: str, name: str) -> str:
     """URL of file `name` at `location` (local folder, URL, or `pipe:` command with `{}`)."""
     if location.startswith("pipe:"):
