@@ -381,6 +381,8 @@ def test_parts_merged_equal_the_whole_build(built, dataset, tmp_path, capsys):
     assert merged["splits"]["labeled"]["samples"] == whole["splits"]["labeled"]["samples"]
     assert merged["builder"]["arguments"] == whole["builder"]["arguments"]
     assert merged["flags"] == whole["flags"]  # the brightness band from all parts' labeled lows
+    for part in tmp_path.glob("manifest.part-*.json"):  # a part alone cannot know the whole band
+        assert json.loads(part.read_text())["flags"]["unlabeled_unlike_labeled"] == []
     assert members(tmp_path) == members(built)
     assert all("-part" in s["name"] for s in merged["shards"])
     assert cli(["shards", "verify", str(tmp_path)]) == 0
