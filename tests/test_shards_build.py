@@ -389,18 +389,15 @@ def test_parts_merged_equal_the_whole_build(built, dataset, tmp_path, capsys):
 
 
 def test_merged_parts_flag_the_photos_the_whole_build_flags(tmp_path):
-    # Real LOL lows labeled, brighter SICE photos unlabeled: the whole build flags all 3 photos, so a merge
-    # that kept the parts' empty lists (or a band from one part's lows) would differ from it.
+    # Real LOL lows labeled, brighter SICE photos unlabeled: a whole build flags all 3 (a test above),
+    # so a merge that kept the parts' empty lists (or a band from one part's lows) would differ.
     data = make_dataset(tmp_path / "data", n_lol=6, n_synthetic=0, n_unlabeled=3)
-    assert build(tmp_path / "whole", data, "--workers", "0") == 0
     for index in (1, 2):
-        assert build(tmp_path / "parts", data, "--workers", "0", "--part", f"{index}/2") == 0
-    assert cli(["shards", "merge", str(tmp_path / "parts")]) == 0
-    whole = json.loads((tmp_path / "whole" / "manifest.json").read_text())
-    merged = json.loads((tmp_path / "parts" / "manifest.json").read_text())
-    expected = naive_brightness_outside(whole["samples"])
-    assert len(expected) == 3 and whole["flags"]["unlabeled_unlike_labeled"] == expected
-    assert merged["flags"]["unlabeled_unlike_labeled"] == expected
+        assert build(tmp_path, data, "--workers", "0", "--part", f"{index}/2") == 0
+    assert cli(["shards", "merge", str(tmp_path)]) == 0
+    merged = json.loads((tmp_path / "manifest.json").read_text())
+    expected = naive_brightness_outside(merged["samples"])
+    assert len(expected) == 3 and merged["flags"]["unlabeled_unlike_labeled"] == expected
 
 
 def test_merge_needs_every_part_built_with_the_same_arguments(dataset, tmp_path, capsys):
