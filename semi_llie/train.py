@@ -57,13 +57,15 @@ def main(args: argparse.Namespace) -> int:
         dynamic_ncols=True,
     )
     window, skipped, stop = LogWindow(), False, False
-    started, start_step = time.perf_counter(), state.step
+    started, start_step, images = time.perf_counter(), state.step, 0
     run.student.train()
 
     while state.step < schedule.max_steps:
-        labeled, unlabeled = run.streams.next(accelerator.device, state)
+        with_unlabeled = run.objective.unlabeled_active(epoch=run.epoch, step=state.step)
+        labeled, unlabeled = run.streams.next(accelerator.device, state, with_unlabeled)
         micro_batch = forward_backward(run, labeled, unlabeled, preemption.requested, skipped)
         window.add(micro_batch, run.streams.images_per_micro_batch)
+        images += run.streams.images_per_micro_batch
         skipped, stop = micro_batch.nonfinite, stop or micro_batch.preempted
         if not accelerator.sync_gradients:
             continue  # gradient accumulation: the optimizer step is not complete yet
@@ -96,9 +98,7 @@ def main(args: argparse.Namespace) -> int:
     run.tracker.end()
     elapsed = time.perf_counter() - started
     steps = state.step - start_step
-    images_per_s = (
-        steps * cfg.train.gradient_accumulation_steps * run.streams.images_per_micro_batch / elapsed
-    )
+    images_per_s = images / elapsed
     if accelerator.is_main_process:
         best = (
             f"{state.best_score:.2f} dB at step {state.best_step}" if state.best_step is not None else "n/a"

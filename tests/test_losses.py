@@ -158,6 +158,21 @@ def test_objective_combines_terms_with_ramped_weight():
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_past_until_the_objective_is_the_supervised_one_and_needs_no_unlabeled_inputs():
+    cfg = {**ALL_OFF, "fidelity": {}, "consistency": {}}
+    objective = build_objective({**cfg, "unsup_weight": {"ramp_length": 0, "unit": "step", "until": 5}})
+    torch.manual_seed(0)
+    pred, target = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    assert objective.needs_unlabeled and objective.unlabeled_active(epoch=0, step=4)
+    assert not objective.unlabeled_active(epoch=0, step=5)
+    total, terms = objective(pred=pred, pred_grad=pred, target=target, step=5)
+    assert set(terms) == {"sup/l1mse"}
+    expected = 0.8 * (pred - target).abs().mean() + 0.2 * ((pred - target) ** 2).mean()
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="unsup_pred"):
+        objective(pred=pred, pred_grad=pred, target=target, step=4)
+
+
 def test_missing_unlabeled_inputs_are_an_error():
     objective = build_objective({**ALL_OFF, "consistency": {}})
     pred = torch.rand(1, 3, 8, 8)
@@ -200,6 +215,14 @@ def test_ramp_shape_and_units():
     by_step = RampedWeight(weight=1.0, ramp_length=1000, unit="step")
     assert by_step(epoch=999, step=500) == pytest.approx(math.exp(-5 * 0.25))
     assert RampedWeight(weight=0.3, ramp_length=0)(epoch=0, step=0) == 0.3
+    stops = RampedWeight(weight=1.0, ramp_length=1000, unit="step", until=600)
+    assert stops(epoch=0, step=500) == pytest.approx(math.exp(-5 * 0.25))
+    assert stops.active(epoch=0, step=599) and not stops.active(epoch=0, step=600)
+    assert stops(epoch=0, step=600) == stops(epoch=0, step=10**6) == 0.0
+    by_epochs = RampedWeight(until=2.5)  # unit epoch: `until` counts epochs, the step is ignored
+    assert by_epochs.active(epoch=2.4, step=10**6) and by_epochs(epoch=2.5, step=0) == 0.0
+    with pytest.raises(ConfigError, match="until"):
+        RampedWeight(until=0)
     with pytest.raises(ConfigError, match="unit"):
         RampedWeight(unit="iteration")
 

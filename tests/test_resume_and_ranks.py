@@ -135,6 +135,31 @@ def test_kill_during_a_checkpoint_write_then_resume_is_exact(tiny_shards, straig
     assert_same_run(straight / "step-12", root / "step-12")
 
 
+def test_until_freezes_the_bank_and_then_trains_exactly_as_supervised_only(tiny_shards, straight, tmp_path):
+    # losses.unsup_weight.until=6: the same run as without it up to step 6, bank included; then the bank
+    # stops changing, and the rest is the supervised-only trainer (the unlabeled stream, teacher pseudo-labels
+    # and bank off) resumed from the same step-6 checkpoint, bitwise.
+    until = tmp_path / "until"
+    train(tiny_shards, until, *COMMON, "losses.unsup_weight.until=6")
+    root = until / "checkpoints"
+    assert_same_run(straight / "step-6", root / "step-6")
+    frozen, later = bank_at(root / "step-6"), bank_at(root / "step-12")
+    assert frozen.keys() == later.keys()
+    assert all(torch.equal(frozen[k][0], later[k][0]) and frozen[k][1:] == later[k][1:] for k in frozen)
+    control = bank_at(straight / "step-12")
+    assert any(entry[2] > 6 for entry in control.values()), "without until the bank should go on changing"
+
+    supervised = tmp_path / "supervised"
+    off = ("data.batch_size_unlabeled=0", "losses.unsup_weight.weight=0", "bank.enabled=false")
+    train(tiny_shards, supervised, *COMMON, *off, resume=str(root / "step-6"))
+    for name in ("student.pt", "teacher.pt"):
+        x, y = (torch.load(d / "checkpoints/step-12" / name, weights_only=True) for d in (until, supervised))
+        assert all(torch.equal(x[key], y[key]) for key in x), name
+    x = torch.load(root / "step-12" / "student.pt", weights_only=True)
+    y = torch.load(straight / "step-12" / "student.pt", weights_only=True)
+    assert any(not torch.equal(x[key], y[key]) for key in x), "until changed nothing after step 6"
+
+
 def unlabeled_keys(shards: Path) -> set[str]:
     keys = set()
     for tar in sorted(shards.glob("unlabeled-*.tar")):

@@ -27,7 +27,7 @@ from semi_llie.engine.distributed import configure_deepspeed, make_accelerator, 
 from semi_llie.engine.tracking import Tracker, git_commit, manifest_sha256
 from semi_llie.errors import UserError
 from semi_llie.fileio import write_text_atomic
-from semi_llie.losses import build_objective
+from semi_llie.losses import SemiLLIEObjective, build_objective
 from semi_llie.method.bank import ReliableBank
 from semi_llie.method.teacher import EMATeacher
 from semi_llie.metrics.full_reference import FullReferenceMetrics
@@ -46,7 +46,7 @@ class Run:
     schedule: Schedule
     student: nn.Module  # prepared by Accelerate (DDP / DeepSpeed)
     teacher: EMATeacher
-    objective: nn.Module
+    objective: SemiLLIEObjective
     bank: ReliableBank | None
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -56,6 +56,11 @@ class Run:
     champion_tags: dict[str, str]
     metrics: FullReferenceMetrics
     streams: Streams
+
+    @property
+    def epoch(self) -> float:
+        """Fractional epochs done; what `losses.unsup_weight` counts when its unit is "epoch"."""
+        return self.state.step / self.schedule.steps_per_epoch
 
     @property
     def rank(self) -> int:
@@ -118,14 +123,25 @@ class Streams:
             if use_unlabeled
             else None
         )
-        self.images_per_micro_batch = (
-            cfg.data.batch_size_labeled + (cfg.data.batch_size_unlabeled if use_unlabeled else 0)
-        ) * world
+        self._batch_sizes = (cfg.data.batch_size_labeled, cfg.data.batch_size_unlabeled)
+        self._world = world
+
+    @property
+    def images_per_micro_batch(self) -> int:
+        """Images one micro-batch draws over all ranks (the unlabeled ones only while that stream runs)."""
+        labeled, unlabeled = self._batch_sizes
+        return (labeled + (unlabeled if self._unlabeled is not None else 0)) * self._world
 
     def next(
-        self, device: torch.device, state: checkpointing.TrainerState
+        self, device: torch.device, state: checkpointing.TrainerState, with_unlabeled: bool = True
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """The next labeled and unlabeled (or None) batch on `device`; unreadable samples join the state."""
+        """The next labeled and unlabeled (or None) batch on `device`; unreadable samples join the state.
+
+        `with_unlabeled` False ends the unlabeled stream for the rest of the run (`losses.unsup_weight.until`
+        only ever goes from on to off), so its loader stops decoding.
+        """
+        if not with_unlabeled:
+            self._unlabeled = None
         labeled = to_device(next(self._labeled), device)
         unlabeled = to_device(next(self._unlabeled), device) if self._unlabeled is not None else None
         self.micro_batches += 1

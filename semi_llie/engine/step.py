@@ -70,7 +70,7 @@ def forward_backward(
                 unsup_pred=strong_output,
                 positive=positive,
                 unsup_input=None if unlabeled is None else unlabeled["strong"],
-                epoch=state.step / run.schedule.steps_per_epoch,
+                epoch=run.epoch,
                 step=state.step,
             )
         nonfinite, preempted = any_rank(run.accelerator, not bool(torch.isfinite(loss)), preemption_requested)

@@ -7,7 +7,7 @@
       gradient:       {type: GradientLoss, loss_weight: 0.1}
       consistency:    {type: ConsistencyLoss, loss_weight: 1.0}
       contrastive:    {type: SemanticContrastiveLoss, loss_weight: 1.0}
-      unsup_weight:   {weight: 0.1, ramp_length: 100, unit: epoch}
+      unsup_weight:   {weight: 0.1, ramp_length: 100, unit: epoch, until: null}
 
 A slot left out takes the paper's block above (`semi_llie.config.DEFAULT_LOSS_CONFIG`); a term is switched
 off with `loss_weight: 0` or `enabled: false`. The semantic extractor is built only when a term uses it.
@@ -88,6 +88,10 @@ class SemiLLIEObjective(nn.Module):
         """Whether the unlabeled branch (teacher, bank, strong-view student pass) contributes anything."""
         return self.unsup_weight.weight > 0 and len(self.unsupervised) > 0
 
+    def unlabeled_active(self, *, epoch: float, step: int) -> bool:
+        """Whether this step needs the unlabeled batch: the branch is on, `unsup_weight.until` not reached."""
+        return self.needs_unlabeled and self.unsup_weight.active(epoch=epoch, step=step)
+
     def forward(
         self,
         *,
@@ -102,8 +106,9 @@ class SemiLLIEObjective(nn.Module):
     ) -> ObjectiveOutput:
         """Labeled: pred, pred_grad = student(low) (B, 3, H, W); target = high (B, 3, H, W).
 
-        Unlabeled (required when `needs_unlabeled`): unsup_pred = student(strong)[0], positive = teacher
-        pseudo-label or bank entry, unsup_input = the strong low-light view; all (B_u, 3, S, S).
+        Unlabeled (required when `unlabeled_active` at this epoch and step): unsup_pred =
+        student(strong)[0], positive = teacher pseudo-label or bank entry, unsup_input = the strong
+        low-light view; all (B_u, 3, S, S).
         epoch (fractional) and step place the unsupervised ramp; its `unit` picks which one counts.
         """
         terms: dict[str, Tensor] = {}
@@ -117,7 +122,7 @@ class SemiLLIEObjective(nn.Module):
             terms[TERM_NAMES[slot]] = value = loss(*supervised_inputs[slot])
             total = total + value
 
-        if self.needs_unlabeled:
+        if self.unlabeled_active(epoch=epoch, step=step):
             if unsup_pred is None or positive is None or unsup_input is None:
                 raise ValueError("the unsupervised terms are on: pass unsup_pred, positive and unsup_input")
             positive, unsup_input = positive.detach(), unsup_input.detach()
