@@ -206,6 +206,37 @@ def test_labeled_fraction_keeps_val_and_test_and_moves_or_drops_the_other_pairs(
         build_shards(BuildConfig(out=tmp_path / "bad", labeled_fraction=0.0, **cfg))
 
 
+def test_labeled_lows_as_unlabeled_adds_their_lows_and_changes_nothing_else(tmp_path, dataset):
+    pairs_only = {"low": dataset["low"], "high": dataset["high"]}
+    assert build(tmp_path / "plain", pairs_only) == 0
+    assert build(tmp_path / "self", pairs_only, "--labeled-lows-as-unlabeled") == 0
+    plain, with_self = members(tmp_path / "plain"), members(tmp_path / "self")
+    added = {name: data for name, data in with_self.items() if name not in plain}
+    assert {name: with_self[name] for name in plain} == plain  # labeled and val: byte-identical
+    assert added and all(name.startswith("unlabeled_") for name in added)
+    assert not any(name.endswith(".high.png") for name in added)
+    labeled_lows = {
+        name.removeprefix("labeled_"): data
+        for name, data in plain.items()
+        if name.startswith("labeled_") and name.endswith(".low.png")
+    }
+    assert {
+        name.removeprefix("unlabeled_"): data for name, data in added.items() if name.endswith(".low.png")
+    } == labeled_lows
+
+    # With --labeled-fraction the unlabeled split holds the moved lows and the kept ones: every training low.
+    cfg = dict(pairs=((str(dataset["low"]), str(dataset["high"])),), val_fraction=0.25, test_fraction=0.25)
+    half = build_shards(
+        BuildConfig(out=tmp_path / "half", labeled_fraction=0.5, labeled_lows_as_unlabeled=True, **cfg)
+    )
+    full = build_shards(BuildConfig(out=tmp_path / "full", **cfg))
+
+    def lows(manifest, split):
+        return {r["sources"]["low"]["path"] for r in manifest["samples"] if r["split"] == split}
+
+    assert len(lows(half, "labeled")) == 2 and lows(half, "unlabeled") == lows(full, "labeled")
+
+
 def test_keys_are_unique_and_file_name_safe():
     assert sample_key("val", "my data", "a.b/c d") == "val_my-data_a-b-c-d"
 

@@ -51,6 +51,7 @@ class BuildConfig:
     test_fraction: float | None = None
     labeled_fraction: float = 1.0
     drop_unused_pairs: bool = False
+    labeled_lows_as_unlabeled: bool = False
     seed: int = 0
     max_count: int = 1000
     max_size_mb: float = 1024.0
@@ -185,6 +186,7 @@ def build_shards(config: BuildConfig) -> dict[str, Any]:
         test_fraction=config.test_fraction,
         labeled_fraction=config.labeled_fraction,
         drop_unused_pairs=config.drop_unused_pairs,
+        labeled_lows_as_unlabeled=config.labeled_lows_as_unlabeled,
         seed=config.seed,
         skip_bad=config.skip_bad,
     )

@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --labeled-fraction: leave the other pairs out instead of adding their lows as unlabeled",
     )
+    parser.add_argument(
+        "--labeled-lows-as-unlabeled",
+        action="store_true",
+        help="also add every labeled pair's low image to the unlabeled split (in-domain unlabeled images "
+        "when all pairs are labeled; docs/results/label_efficiency.md)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the labeled/val/test split")
     parser.add_argument("--max-count", type=int, default=1000, help="samples per shard at most")
     parser.add_argument("--max-size", type=float, default=1024.0, metavar="MB", help="shard size at most")
@@ -111,6 +117,7 @@ def main(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         labeled_fraction=args.labeled_fraction,
         drop_unused_pairs=args.drop_unused_pairs,
+        labeled_lows_as_unlabeled=args.labeled_lows_as_unlabeled,
         seed=args.seed,
         max_count=args.max_count,
         max_size_mb=args.max_size,

@@ -132,6 +132,7 @@ def collect_inputs(
     test_fraction: float | None = None,
     labeled_fraction: float = 1.0,
     drop_unused_pairs: bool = False,
+    labeled_lows_as_unlabeled: bool = False,
     seed: int = 0,
     skip_bad: bool = False,
 ) -> Inputs:
@@ -142,6 +143,8 @@ def collect_inputs(
     `labeled_fraction` < 1 keeps a seeded subset of the labeled pairs and moves the other pairs' low images
     to the unlabeled split (their ground truth is dropped), or with `drop_unused_pairs` leaves them out: a
     label-efficiency study on one paired set, with same-domain or other unlabeled data.
+    `labeled_lows_as_unlabeled` also puts every labeled pair's low image in the unlabeled split: an unlabeled
+    set from the labels' own camera when no other is at hand (all pairs labeled).
     """
     collector = _Collector(skip_bad)
     tags = _TagAllocator()
@@ -210,6 +213,8 @@ def collect_inputs(
                 fixed.append(("unlabeled", tag, stem, low, None))
         else:
             fixed.append((split_of[(tag, stem)], tag, stem, low, high))
+            if labeled_lows_as_unlabeled and split_of[(tag, stem)] == "labeled":
+                fixed.append(("unlabeled", tag, stem, low, None))
 
     samples = [
         Sample(sample_key(split, tag, stem), split, tag, low, high) for split, tag, stem, low, high in fixed
