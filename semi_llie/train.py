@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from semi_llie.config import load_config
 from semi_llie.engine.checkpointing import latest_checkpoint
 from semi_llie.engine.distributed import PREEMPTED_EXIT_CODE, PreemptionSignal
-from semi_llie.engine.run import save, setup_run
+from semi_llie.engine.run import Run, release_student, save, setup_run
 from semi_llie.engine.step import LogWindow, finish_step, forward_backward, log_window, validate_and_register
 
 
@@ -48,6 +48,17 @@ def main(args: argparse.Namespace) -> int:
     except BaseException:
         preemption.restore()
         raise
+    try:
+        code = train_loop(run, preemption)
+    finally:
+        release_student(run)  # before the process group goes, on every way out
+    if code == 0:
+        run.accelerator.end_training()
+    return code
+
+
+def train_loop(run: Run, preemption: PreemptionSignal) -> int:
+    """Steps until `train.max_steps` (0) or a preemption signal (PREEMPTED_EXIT_CODE, checkpoint saved)."""
     cfg, state, schedule, accelerator = run.cfg, run.state, run.schedule, run.accelerator
     progress = tqdm(
         total=schedule.max_steps,
@@ -108,5 +119,4 @@ def main(args: argparse.Namespace) -> int:
             f"best val/psnr {best}; {state.nonfinite_total} non-finite steps skipped; "
             f"checkpoint {latest_checkpoint(run.output_dir)}; MLflow run {run.run_id or 'off'}"
         )
-    accelerator.end_training()
     return 0

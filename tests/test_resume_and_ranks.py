@@ -235,3 +235,15 @@ def test_one_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch(tmp_path,
     # The step moved the weights (the comparison is not of two untouched initialisations).
     reference = torch.load(tmp_path / "ddp1/checkpoints/step-1/teacher.pt", weights_only=True)
     assert any(not torch.equal(reference[k], students[1][k]) for k in reference)
+
+
+def test_a_two_process_run_frees_its_ddp_student_before_the_process_group(tmp_path, tiny_shards):
+    # A DDP reducer that outlives its gloo process group can abort the process at exit (SIGABRT): exit code
+    # 134 instead of 0 (or 75 when preempted), and SLURM marks a finished job FAILED.
+    ranks = launch(
+        2, tiny_shards, tmp_path / "run", tmp_path / "probe", "train.max_steps=2", "tracking.enabled=false"
+    )
+    for record in ranks:
+        assert record["exit_code"] == 0
+        assert record["ddp_at_destroy"] == [0]  # destroyed once, with no wrapped student left
+        assert record["ddp_after"] == 0

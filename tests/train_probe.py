@@ -1,6 +1,7 @@
 """Runs `semi-llie train ARGS` through the real entry point in this process (plain python or under
 `accelerate launch`) and writes what the tests check for themselves to $PROBE_DIR/rank-<r>.json:
-the sha256 of this rank's teacher after training, computed here, not taken from the trainer's own log.
+the sha256 of this rank's teacher after training, computed here, not taken from the trainer's own log, and
+how many DDP-wrapped modules were alive when the process group was destroyed and after the trainer returned.
 
 It also registers the bank scorer "newest" (`bank.metric=newest`), under which every teacher output beats
 the student's and every entry stored before it, across a resume too: the bank is rewritten at every step.
@@ -12,6 +13,7 @@ Only the data is replaced; the model, the objective, the bank, DDP and the optim
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -77,6 +79,19 @@ def fixed_batch(total: int, size: int, rank: int, world_size: int, labeled: bool
     }
 
 
+def live_ddp_modules() -> int:
+    return sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+
+
+ddp_at_destroy = []
+destroy_process_group = torch.distributed.destroy_process_group
+
+
+def recording_destroy(*args, **kwargs):
+    ddp_at_destroy.append(live_ddp_modules())
+    return destroy_process_group(*args, **kwargs)
+
+
 def forever(batch: dict):
     while True:
         yield batch
@@ -92,8 +107,10 @@ if __name__ == "__main__":
         engine_run.unlabeled_loader = lambda location, batch_size, size, *, rank, world_size, **_: forever(
             fixed_batch(total, size, rank, world_size, labeled=False)
         )
+    torch.distributed.destroy_process_group = recording_destroy
     code = main(["train", *sys.argv[1:]])
     rank = int(os.environ.get("RANK", "0"))
     record = {"exit_code": code, "teacher_sha256": sha256_of(teachers[0].model)}
+    record |= {"ddp_at_destroy": ddp_at_destroy, "ddp_after": live_ddp_modules()}
     Path(os.environ["PROBE_DIR"], f"rank-{rank}.json").write_text(json.dumps(record))
     raise SystemExit(code)
