@@ -230,7 +230,7 @@ def test_ddp_two_cpu_processes_track_register_and_share_the_bank(tmp_path, tiny_
         capture_output=True,
         text=True,
         timeout=300,
-        env=cli_env(ACCELERATE_USE_CPU="true"),
+        env=cli_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="2", MKL_NUM_THREADS="2"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "teacher checksum" in result.stderr and "identical on all 2 ranks" in result.stderr
@@ -270,6 +270,8 @@ def test_ddp_two_cpu_processes_track_register_and_share_the_bank(tmp_path, tiny_
         "val/student_psnr",
     } <= set(run.data.metrics)
     assert run.data.params["optim.lr"] == "0.0002"
+    # What a seed does not fix: the threads each process ran with (the environment above) and the processes.
+    assert run.data.params["runtime.torch_threads"] == "2" and run.data.params["runtime.processes"] == "2"
     artifacts = mlflow.artifacts.list_artifacts(run_id=run_id, artifact_path="val/step-000004")
     assert any(a.path.endswith(".png") for a in artifacts)
     client = mlflow.MlflowClient()

@@ -289,7 +289,12 @@ def start_tracking(
     run_file = output_dir / "run.json"
     previous_run = json.loads(run_file.read_text()).get("mlflow_run_id") if run_file.is_file() else None
     tracker = Tracker(cfg.tracking, accelerator.is_main_process)
-    run_id = tracker.start(previous_run if resumed else None, flatten(cfg), config_yaml)
+    # The intra-op thread count changes float reductions: a seed repeats a run bitwise only at one count.
+    runtime = {
+        "runtime.torch_threads": str(torch.get_num_threads()),  # what OMP_/MKL_NUM_THREADS left in effect
+        "runtime.processes": str(accelerator.num_processes),
+    }
+    run_id = tracker.start(previous_run if resumed else None, flatten(cfg) | runtime, config_yaml)
     if accelerator.is_main_process:
         run_info = {
             "mlflow_run_id": run_id,
