@@ -160,6 +160,35 @@ def test_until_freezes_the_bank_and_then_trains_exactly_as_supervised_only(tiny_
     assert any(not torch.equal(x[key], y[key]) for key in x), "until changed nothing after step 6"
 
 
+@pytest.mark.slow
+def test_a_resume_on_another_thread_count_is_tagged_on_the_same_mlflow_run(tiny_shards, tmp_path):
+    import mlflow
+
+    # A seed repeats a run bitwise only at one thread count, and MLflow params are write-once: the resume that
+    # changed the count (and the schedule) must say so on the run it continues.
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    tracking = (f"tracking.tracking_uri={uri}", "tracking.log_model=false")
+    train(tiny_shards, output_dir, "train.max_steps=2", *tracking, env=cli_env(OMP_NUM_THREADS="1"))
+    first = json.loads((output_dir / "run.json").read_text())["mlflow_run_id"]
+    result = train(
+        tiny_shards,
+        output_dir,
+        "train.max_steps=3",
+        *tracking,
+        resume="latest",
+        env=cli_env(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2"),
+    )
+    assert json.loads((output_dir / "run.json").read_text())["mlflow_run_id"] == first
+    mlflow.set_tracking_uri(uri)
+    run = mlflow.get_run(first)
+    assert run.data.params["runtime.torch_threads"] == "1" and run.data.params["train.max_steps"] == "2"
+    changed = "runtime.torch_threads: 1 -> 2; train.max_steps: 2 -> 3"
+    assert run.data.tags["resumed.step_2.changed_params"] == changed
+    assert changed in result.stderr
+
+
 def unlabeled_keys(shards: Path) -> set[str]:
     keys = set()
     for tar in sorted(shards.glob("unlabeled-*.tar")):

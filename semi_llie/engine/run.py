@@ -219,7 +219,7 @@ def setup_run(cfg: Config, resume: str | None, overwrite: bool) -> Run:
         state = restore(accelerator, resume_dir, manifest, teacher, bank)
 
     tracker, run_id = start_tracking(
-        cfg, config_yaml, output_dir, accelerator, resumed=resume_dir is not None
+        cfg, config_yaml, output_dir, accelerator, resumed_at=state.step if resume_dir is not None else None
     )
     metrics = FullReferenceMetrics()
     champion_tags = {
@@ -283,9 +283,12 @@ def restore(
 
 
 def start_tracking(
-    cfg: Config, config_yaml: str, output_dir: Path, accelerator: Accelerator, resumed: bool
+    cfg: Config, config_yaml: str, output_dir: Path, accelerator: Accelerator, resumed_at: int | None
 ) -> tuple[Tracker, str | None]:
-    """Start (or, on a resume, continue) the MLflow run; OUTPUT_DIR/run.json remembers its id."""
+    """Start (or, on a resume at step RESUMED_AT, continue) the MLflow run; OUTPUT_DIR/run.json keeps its id.
+
+    A resume whose params differ from the first start's (the thread count included) tags the run with them.
+    """
     run_file = output_dir / "run.json"
     previous_run = json.loads(run_file.read_text()).get("mlflow_run_id") if run_file.is_file() else None
     tracker = Tracker(cfg.tracking, accelerator.is_main_process)
@@ -294,7 +297,11 @@ def start_tracking(
         "runtime.torch_threads": str(torch.get_num_threads()),  # what OMP_/MKL_NUM_THREADS left in effect
         "runtime.processes": str(accelerator.num_processes),
     }
-    run_id = tracker.start(previous_run if resumed else None, flatten(cfg) | runtime, config_yaml)
+    params = flatten(cfg) | runtime
+    if resumed_at is None:
+        run_id = tracker.start(None, params, config_yaml)
+    else:
+        run_id = tracker.start(previous_run, params, config_yaml, at_step=resumed_at)
     if accelerator.is_main_process:
         run_info = {
             "mlflow_run_id": run_id,

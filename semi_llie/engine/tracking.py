@@ -100,15 +100,17 @@ class Tracker:
         self.run_id: str | None = None
         self._run_best: str | None = None  # the version this process last registered as the run's best
 
-    def start(self, run_id: str | None, params: Mapping[str, str], config_yaml: str) -> str | None:
-        """Open (or, with the run id of a resumed run, reopen) the run; return its id (None if inactive)."""
+    def start(
+        self, run_id: str | None, params: Mapping[str, str], config_yaml: str, at_step: int = 0
+    ) -> str | None:
+        """Open the run, or reopen a resumed one (RUN_ID) at step AT_STEP; its id (None if inactive)."""
         if not self.active:
             return None
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds, not minutes
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         if not self._reachable():
             return None
-        return self._guard("start the run", lambda: self._start(run_id, params, config_yaml))
+        return self._guard("start the run", lambda: self._start(run_id, params, config_yaml, at_step))
 
     def _reachable(self) -> bool:
         if not self.uri.startswith(("http://", "https://")):
@@ -120,7 +122,7 @@ class Tracker:
             self._disable(f"the MLflow server {self.uri} is unreachable ({err})")
             return False
 
-    def _start(self, run_id: str | None, params: Mapping[str, str], config_yaml: str) -> str:
+    def _start(self, run_id: str | None, params: Mapping[str, str], config_yaml: str, at_step: int) -> str:
         import mlflow
 
         if self.uri.startswith("sqlite:///"):  # SQLite creates the file but not its folder
@@ -129,6 +131,7 @@ class Tracker:
         if run_id is not None and self._run_exists(run_id):
             mlflow.start_run(run_id=run_id)
             self.run_id = run_id
+            self._record_changed_params(run_id, params, at_step)
             return run_id
         experiment = mlflow.get_experiment_by_name(self.cfg.experiment)
         if experiment is None:
@@ -143,6 +146,21 @@ class Tracker:
         mlflow.log_text(config_yaml, "config.yaml")
         self.run_id = run.info.run_id
         return self.run_id
+
+    @staticmethod
+    def _record_changed_params(run_id: str, params: Mapping[str, str], at_step: int) -> None:
+        """Tag the params a resume changed (thread count, a longer schedule): MLflow params are write-once."""
+        import mlflow
+
+        logged = mlflow.get_run(run_id).data.params
+        changed = {key: (logged.get(key), value) for key, value in params.items() if logged.get(key) != value}
+        if not changed:
+            return
+        text = "; ".join(f"{key}: {old} -> {new}" for key, (old, new) in sorted(changed.items()))
+        mlflow.set_tag(f"resumed.step_{at_step}.changed_params", text[:5000])  # MLflow's tag value limit
+        logger.warning(
+            "resumed at step %d with params that differ from the run's first start: %s", at_step, text
+        )
 
     def _run_exists(self, run_id: str) -> bool:
         import mlflow
