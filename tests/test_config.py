@@ -117,11 +117,36 @@ def test_round_trip_through_yaml_and_flat_params(tmp_path):
     assert flat["optim.betas"] == "[0.8, 0.9]"
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "tiny_test.yaml", "lol_v1.yaml", "lol_cpu.yaml"])
+@pytest.mark.parametrize("name", sorted(path.name for path in CONFIGS.glob("*.yaml")))
 def test_shipped_configs_validate(name):
     cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, Config)
     assert Schedule.resolve(cfg, steps_per_epoch=7).max_steps >= 1
+
+
+def test_the_few_labels_recipe_is_the_measured_256_step_arm_of_lol_cpu():
+    # Its header quotes docs/results/label_efficiency.md's 256-step arm, run as lol_cpu.yaml with these
+    # overrides: the numbers stay its own while the two files differ by exactly them (and by names and paths).
+    measured_arm = [
+        "data.batch_size_labeled=16",
+        "data.unlabeled_size=64",
+        "data.strong_augment=lowlight",
+        "data.labeled_augment=exposure",
+        "train.max_steps=256",
+        "optim.milestones=[180, 230]",
+        "losses.unsup_weight.ramp_length=100",
+        "losses.unsup_weight.weight=0.1",
+        "teacher.decay=0.95",
+        "train.validate_every=256",
+        "train.checkpoint_every=256",
+        "train.val_max_samples=null",
+    ]
+    names = ["data.shards", "train.output_dir", "tracking.experiment", "tracking.run_name"]
+    few = flatten(load_config(CONFIGS / "lol_cpu_few_labels.yaml"))
+    arm = flatten(load_config(CONFIGS / "lol_cpu.yaml", measured_arm))
+    for name in names:
+        few.pop(name), arm.pop(name)
+    assert few == arm
 
 
 # -- schedules in epochs --------------------------------------------------------------------------------
