@@ -10,7 +10,12 @@ For every unlabeled sample of the shards whose stem has a ground truth in --high
 --size square, as the trainer's weak view):
   * PSNR against the ground truth of the teacher's pseudo-label teacher(weak), of the teacher averaged
     over the 8 symmetries of the view (a test-time-augmented pseudo-label), of the student's
-    student(weak), and of the student's outputs on strong views (the paper's and the `lowlight` ones);
+    student(weak), and of the student's outputs on strong views (the paper's and the `lowlight` ones); for
+    the two pseudo-labels also with their brightness matched to the ground truth's (GT-mean PSNR);
+  * whether the 8 symmetries' disagreement marks where their mean is wrong: per pixel, the spread of the 8
+    outputs against the error of their mean (Spearman), and the mean's PSNR on the half of the pixels where
+    the 8 agree most and on the half where they agree least (a confidence mask for the consistency loss
+    pays only if the first is clearly higher);
   * for each no-reference metric available offline (PIQE; NIQE with the pristine-model parameters that
     ship in basicsr's sdist), how often it orders two candidates of the same image as PSNR does (pairwise
     agreement, 0.5 = chance) and the mean per-image Spearman correlation with PSNR. The bank keeps a new
@@ -36,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from semi_llie.data.augment import dihedral, resize_square, strong_view, undo_dihedral  # noqa: E402
 from semi_llie.data.images import load_rgb8  # noqa: E402
 from semi_llie.inference.loading import load_enhancer  # noqa: E402
+from semi_llie.metrics.full_reference import gt_mean_scaled  # noqa: E402
 
 NIQE_MEMBER = "basicsr/metrics/niqe_pris_params.npz"
 
@@ -75,6 +81,25 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(np.corrcoef(rank_x, rank_y)[0, 1])
 
 
+def agreement_split(views: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
+    """views: 8×3×S×S outputs for the 8 symmetries (each undone), gt: 3×S×S, both in [0, 1].
+
+    Per pixel, spread = the views' standard deviation and error = |their mean − gt|, both averaged over
+    the channels. Returns the Spearman correlation of spread and error over the pixels, and the mean's PSNR
+    on the half of the pixels with the smallest spread ("sure") and on the other half ("unsure").
+    """
+    mean = views.double().mean(0)
+    spread = views.double().std(0).mean(0).flatten()
+    squared_error = ((mean - gt.double()) ** 2).mean(0).flatten()
+    by_spread = torch.argsort(spread)
+    sure, unsure = by_spread[: by_spread.numel() // 2], by_spread[by_spread.numel() // 2 :]
+    return {
+        "spearman": spearman(spread.tolist(), squared_error.sqrt().tolist()),
+        "psnr_sure": float(-10 * torch.log10(squared_error[sure].mean())),
+        "psnr_unsure": float(-10 * torch.log10(squared_error[unsure].mean())),
+    }
+
+
 def read_uint8(path: Path) -> torch.Tensor:
     return torch.from_numpy(load_rgb8(path).copy()).permute(2, 0, 1)
 
@@ -103,6 +128,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         metrics = no_reference_metrics(args.basicsr_sdist, Path(folder))
         psnrs: dict[str, list[float]] = {}
+        split: dict[str, list[float]] = {}  # agreement_split per image
         agreement = {name: [0, 0] for name in metrics}  # agreeing pairs, pairs
         correlations: dict[str, list[float]] = {name: [] for name in metrics}
         for index, low_path in enumerate(lows):
@@ -114,15 +140,19 @@ def main() -> None:
                 candidates["teacher(weak)"] = teacher(weak)
                 candidates["student(weak)"] = student(weak)
                 # A candidate pseudo-label: the teacher averaged over the 8 symmetries of the view (TTA).
-                candidates["teacher(weak, 8-fold TTA)"] = torch.stack(
-                    [undo_dihedral(teacher(dihedral(weak, k)), k) for k in range(8)]
-                ).mean(0)
+                symmetries = torch.cat([undo_dihedral(teacher(dihedral(weak, k)), k) for k in range(8)])
+                candidates["teacher(weak, 8-fold TTA)"] = symmetries.mean(0, keepdim=True)
+                for name, value in agreement_split(symmetries.clamp(0, 1), gt[0]).items():
+                    split.setdefault(name, []).append(value)
                 for kind, view in itertools.product(("paper", "lowlight"), range(args.views)):
                     strong = strong_view(weak[0], generator, kind)[None]
                     candidates[f"student(strong {kind})#{view}"] = student(strong)
             image_psnr = {name: psnr(out, gt) for name, out in candidates.items()}
             for name, value in image_psnr.items():  # the views of one kind pooled
                 psnrs.setdefault(name.split("#")[0], []).append(value)
+            for name in ("teacher(weak)", "teacher(weak, 8-fold TTA)"):  # how much of the error is brightness
+                matched = psnr(gt_mean_scaled(candidates[name].clamp(0, 1), gt), gt)
+                psnrs.setdefault(f"{name}, GT-mean", []).append(matched)
             names = [n for n in candidates if n != "input"]
             for metric_name, (metric, lower_better) in metrics.items():
                 with torch.no_grad():
@@ -143,6 +173,7 @@ def main() -> None:
         "images": len(lows),
         "size": args.size,
         "psnr_db": {name: [float(np.mean(v)), float(np.std(v))] for name, v in psnrs.items()},
+        "tta_agreement": {name: [float(np.nanmean(v)), float(np.nanstd(v))] for name, v in split.items()},
         "no_reference": {
             name: {
                 "pairwise_agreement_with_psnr": agreement[name][0] / max(agreement[name][1], 1),
@@ -155,7 +186,12 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{len(lows)} unlabeled images with ground truth, views of {args.size}")
     for name, (mean, std) in result["psnr_db"].items():
-        print(f"  PSNR {name:28s} {mean:6.2f} ± {std:.2f} dB")
+        print(f"  PSNR {name:38s} {mean:6.2f} ± {std:.2f} dB")
+    tta = {name: mean for name, (mean, _) in result["tta_agreement"].items()}
+    print(
+        f"  8-fold TTA: spread vs error Spearman {tta['spearman']:+.2f}; PSNR where the 8 agree most "
+        f"{tta['psnr_sure']:.2f} dB, least {tta['psnr_unsure']:.2f} dB"
+    )
     for name, values in result["no_reference"].items():
         print(
             f"  {name}: agrees with PSNR on {values['pairwise_agreement_with_psnr']:.1%} of "
