@@ -11,7 +11,8 @@ For every unlabeled sample of the shards whose stem has a ground truth in --high
   * PSNR against the ground truth of the teacher's pseudo-label teacher(weak), of the teacher averaged
     over the 8 symmetries of the view (a test-time-augmented pseudo-label), of the student's
     student(weak), and of the student's outputs on strong views (the paper's and the `lowlight` ones); for
-    the two pseudo-labels also with their brightness matched to the ground truth's (GT-mean PSNR);
+    the two pseudo-labels also with their brightness matched to the ground truth's (GT-mean PSNR) and to
+    the labeled ground truths' mean brightness (a label-free exposure, one number for all images);
   * whether the 8 symmetries' disagreement marks where their mean is wrong: per pixel, the spread of the 8
     outputs against the error of their mean (Spearman), and the mean's PSNR on the half of the pixels where
     the 8 agree most and on the half where they agree least (a confidence mask for the consistency loss
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from semi_llie.data.augment import dihedral, resize_square, strong_view, undo_dihedral  # noqa: E402
 from semi_llie.data.images import load_rgb8  # noqa: E402
 from semi_llie.inference.loading import load_enhancer  # noqa: E402
-from semi_llie.metrics.full_reference import gt_mean_scaled  # noqa: E402
+from semi_llie.metrics.full_reference import GRAY_WEIGHTS, gt_mean_scaled  # noqa: E402
 
 NIQE_MEMBER = "basicsr/metrics/niqe_pris_params.npz"
 
@@ -100,6 +101,11 @@ def agreement_split(views: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
     }
 
 
+def grey_mean(image: torch.Tensor) -> float:
+    """3×H×W in [0, 1] -> its mean grey level, with the weights gt_mean_scaled measures brightness by."""
+    return float((image * image.new_tensor(GRAY_WEIGHTS).view(3, 1, 1)).sum(0).mean())
+
+
 def read_uint8(path: Path) -> torch.Tensor:
     return torch.from_numpy(load_rgb8(path).copy()).permute(2, 0, 1)
 
@@ -122,6 +128,11 @@ def main() -> None:
     records = json.loads((args.shards / "manifest.json").read_text())["samples"]
     sources = [Path(r["sources"]["low"]["path"]) for r in records if r["split"] == "unlabeled"]
     lows = [path for path in sources if path.stem in highs]
+    # A label-free brightness for a pseudo-label: the labeled ground truths' mean grey level at the view size.
+    labeled_highs = [Path(r["sources"]["high"]["path"]) for r in records if r["split"] == "labeled"]
+    labeled_brightness = float(
+        np.mean([grey_mean(resize_square(read_uint8(path), args.size)) for path in labeled_highs])
+    )
     if not lows:
         raise SystemExit(f"no unlabeled sample of {args.shards} has a ground truth in {args.high}")
 
@@ -151,8 +162,11 @@ def main() -> None:
             for name, value in image_psnr.items():  # the views of one kind pooled
                 psnrs.setdefault(name.split("#")[0], []).append(value)
             for name in ("teacher(weak)", "teacher(weak, 8-fold TTA)"):  # how much of the error is brightness
-                matched = psnr(gt_mean_scaled(candidates[name].clamp(0, 1), gt), gt)
+                label = candidates[name].clamp(0, 1)
+                matched = psnr(gt_mean_scaled(label, gt), gt)
                 psnrs.setdefault(f"{name}, GT-mean", []).append(matched)
+                prior = psnr(gt_mean_scaled(label, torch.full_like(label, labeled_brightness)), gt)
+                psnrs.setdefault(f"{name}, labeled mean", []).append(prior)
             names = [n for n in candidates if n != "input"]
             for metric_name, (metric, lower_better) in metrics.items():
                 with torch.no_grad():
