@@ -115,6 +115,10 @@ class TeacherConfig(Block):
     # Pseudo-label: the teacher on the weak view (the paper), or averaged over the view's 8 dihedral
     # symmetries (docs/results/label_efficiency.md measures both).
     pseudo_label: Literal["weak", "dihedral8"] = "weak"
+    # The pseudo-label's brightness: the teacher's own (the paper), or every pseudo-label scaled to the
+    # labeled targets' mean grey level (`labeled_mean`: distribution alignment as in ReMixMatch, for the one
+    # number per image that is most of a pseudo-label's error on LOL: docs/results/label_efficiency.md).
+    pseudo_label_brightness: Literal["teacher", "labeled_mean"] = "teacher"
 
 
 class OptimConfig(Block):

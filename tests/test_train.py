@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -353,16 +354,19 @@ def test_sigterm_saves_a_checkpoint_exits_75_and_resumes(tmp_path, tiny_shards):
 
 
 @pytest.mark.slow
-def test_dihedral_pseudo_labels_reach_the_bank(tmp_path, tiny_shards):
-    # Same seed and data; only teacher.pseudo_label differs, so the bank's stored positives must differ.
+@pytest.mark.parametrize(
+    "option", ["teacher.pseudo_label=dihedral8", "teacher.pseudo_label_brightness=labeled_mean"]
+)
+def test_pseudo_label_options_reach_the_bank(tmp_path, tiny_shards, option):
+    # Same seed and data; only the pseudo-label option differs, so the bank's stored positives must differ.
     from test_resume_and_ranks import bank_at
 
     banks = {}
-    for kind in ("weak", "dihedral8"):
+    for name, extra in (("default", []), ("option", [option])):
         overrides = tiny_overrides(
             tiny_shards,
-            tmp_path / kind,
-            f"teacher.pseudo_label={kind}",
+            tmp_path / name,
+            *extra,
             "train.max_steps=2",
             "train.checkpoint_every=2",
             "train.validate_every=2",
@@ -370,10 +374,10 @@ def test_dihedral_pseudo_labels_reach_the_bank(tmp_path, tiny_shards):
         )
         result = run_cli("train", "--config", str(TINY_CONFIG), *overrides, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
-        banks[kind] = bank_at(checkpointing.checkpoints_root(tmp_path / kind) / "step-2")
-    assert banks["weak"] and banks["weak"].keys() == banks["dihedral8"].keys()
-    for key, (pixels, *_) in banks["weak"].items():
-        assert (pixels.float() - banks["dihedral8"][key][0].float()).abs().max() > 1e-3, key
+        banks[name] = bank_at(checkpointing.checkpoints_root(tmp_path / name) / "step-2")
+    assert banks["default"] and banks["default"].keys() == banks["option"].keys()
+    for key, (pixels, *_) in banks["default"].items():
+        assert (pixels.float() - banks["option"][key][0].float()).abs().max() > 1e-3, key
 
 
 @pytest.mark.slow
@@ -460,3 +464,19 @@ def test_the_champion_alias_goes_to_the_better_version_whatever_the_order(tmp_pa
     other = register("worse-first", 30.0, tags={**same, "dataset_manifest_sha256": "b" * 64})
     assert str(client.get_model_version_by_alias("worse-first", "champion").version) == versions[21.0]
     assert "other val data" in client.get_model_version("worse-first", other).description
+
+
+def test_labeled_brightness_is_the_labeled_targets_mean_grey_level(tiny_shards):
+    from PIL import Image
+
+    from semi_llie.engine.run import labeled_brightness
+
+    manifest = Manifest.open(tiny_shards)
+    records = [r for r in manifest.data["samples"] if r["split"] == "labeled"]
+    expected = []
+    for record in records:  # reference: the source PNGs, by hand
+        path = Path(record["sources"]["high"]["path"])
+        rgb = np.asarray(Image.open(path if path.is_absolute() else tiny_shards.parent / path).convert("RGB"))
+        expected.append(np.mean(rgb @ np.array([0.299, 0.587, 0.114])) / 255)
+    assert len(expected) == 8
+    assert labeled_brightness(manifest) == pytest.approx(np.mean(expected), abs=1e-6)

@@ -122,10 +122,12 @@ class SeparableSSIM:
         return ssim_map.mean(dim=(1, 2, 3))
 
 
+def grey_mean(images: Tensor) -> Tensor:
+    """B×3×H×W -> (B,): each image's mean grey level (GRAY_WEIGHTS), the brightness GT-mean matches."""
+    return (images * images.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)).sum(1).mean(dim=(1, 2))
+
+
 def gt_mean_scaled(pred: Tensor, gt: Tensor) -> Tensor:
     """B×3×H×W output with its brightness matched to the ground truth's (the 'GT-mean' protocol)."""
-    weights = pred.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)
-    pred_mean = (pred * weights).sum(1).mean(dim=(1, 2))  # (B,)
-    gt_mean = (gt * weights).sum(1).mean(dim=(1, 2))
-    ratio = gt_mean / pred_mean.clamp_min(1e-8)
+    ratio = grey_mean(gt) / grey_mean(pred).clamp_min(1e-8)
     return (pred * ratio.view(-1, 1, 1, 1)).clamp(0, 1)
