@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from semi_llie.data.augment import dihedral, resize_square, strong_view, undo_dihedral  # noqa: E402
 from semi_llie.data.images import load_rgb8  # noqa: E402
 from semi_llie.inference.loading import load_enhancer  # noqa: E402
-from semi_llie.metrics.full_reference import GRAY_WEIGHTS, gt_mean_scaled  # noqa: E402
+from semi_llie.metrics.full_reference import grey_mean, gt_mean_scaled  # noqa: E402
 
 NIQE_MEMBER = "basicsr/metrics/niqe_pris_params.npz"
 
@@ -101,11 +101,6 @@ def agreement_split(views: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
     }
 
 
-def grey_mean(image: torch.Tensor) -> float:
-    """3×H×W in [0, 1] -> its mean grey level, with the weights gt_mean_scaled measures brightness by."""
-    return float((image * image.new_tensor(GRAY_WEIGHTS).view(3, 1, 1)).sum(0).mean())
-
-
 def read_uint8(path: Path) -> torch.Tensor:
     return torch.from_numpy(load_rgb8(path).copy()).permute(2, 0, 1)
 
@@ -130,9 +125,8 @@ def main() -> None:
     lows = [path for path in sources if path.stem in highs]
     # A label-free brightness for a pseudo-label: the labeled ground truths' mean grey level at the view size.
     labeled_highs = [Path(r["sources"]["high"]["path"]) for r in records if r["split"] == "labeled"]
-    labeled_brightness = float(
-        np.mean([grey_mean(resize_square(read_uint8(path), args.size)) for path in labeled_highs])
-    )
+    views = [resize_square(read_uint8(path), args.size) for path in labeled_highs]  # each 3×S×S
+    labeled_brightness = float(grey_mean(torch.stack(views)).mean())
     if not lows:
         raise SystemExit(f"no unlabeled sample of {args.shards} has a ground truth in {args.high}")
 
