@@ -12,7 +12,12 @@ For every unlabeled sample of the shards whose stem has a ground truth in --high
     over the 8 symmetries of the view (a test-time-augmented pseudo-label), of the student's
     student(weak), and of the student's outputs on strong views (the paper's and the `lowlight` ones); for
     the two pseudo-labels also with their brightness matched to the ground truth's (GT-mean PSNR) and to
-    the labeled ground truths' mean brightness (a label-free exposure, one number for all images);
+    the labeled ground truths' mean brightness (a label-free exposure, one number for all images), and
+    scaled by one gain for all images that brings their average to that brightness (distribution
+    alignment: it corrects the teacher's overall bias and keeps its per-image brightness);
+  * whether the teacher's per-image brightness tracks the ground truth's (Pearson r of their mean grey
+    levels over the images; the input's for comparison): if it does not, one brightness for all is the
+    better guess;
   * whether the 8 symmetries' disagreement marks where their mean is wrong: per pixel, the spread of the 8
     outputs against the error of their mean (Spearman), and the mean's PSNR on the half of the pixels where
     the 8 agree most and on the half where they agree least (a confidence mask for the consistency loss
@@ -42,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from semi_llie.data.augment import dihedral, resize_square, strong_view, undo_dihedral  # noqa: E402
 from semi_llie.data.images import load_rgb8  # noqa: E402
 from semi_llie.inference.loading import load_enhancer  # noqa: E402
-from semi_llie.metrics.full_reference import grey_mean, gt_mean_scaled  # noqa: E402
+from semi_llie.metrics.full_reference import grey_mean, gt_mean_scaled, scaled_to_grey  # noqa: E402
 
 NIQE_MEMBER = "basicsr/metrics/niqe_pris_params.npz"
 
@@ -101,6 +106,13 @@ def agreement_split(views: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
     }
 
 
+def one_gain_psnr(labels: list[torch.Tensor], gts: list[torch.Tensor], level: float) -> list[float]:
+    """Per-image PSNR of 1×3×S×S labels all scaled by the one gain that makes their average grey level
+    `level` (then clamped to [0, 1]), against their ground truths."""
+    gain = level / float(torch.cat([grey_mean(label) for label in labels]).mean())
+    return [psnr((label * gain).clamp(0, 1), gt) for label, gt in zip(labels, gts, strict=True)]
+
+
 def read_uint8(path: Path) -> torch.Tensor:
     return torch.from_numpy(load_rgb8(path).copy()).permute(2, 0, 1)
 
@@ -136,9 +148,13 @@ def main() -> None:
         split: dict[str, list[float]] = {}  # agreement_split per image
         agreement = {name: [0, 0] for name in metrics}  # agreeing pairs, pairs
         correlations: dict[str, list[float]] = {name: [] for name in metrics}
+        labels: dict[str, list[torch.Tensor]] = {}  # the two pseudo-labels per image, for one_gain_psnr
+        grey: dict[str, list[float]] = {}  # mean grey level per image
+        gts: list[torch.Tensor] = []
         for index, low_path in enumerate(lows):
             weak = resize_square(read_uint8(low_path), args.size)[None]  # 1×3×S×S
             gt = resize_square(read_uint8(highs[low_path.stem]), args.size)[None]
+            gts.append(gt)
             generator = torch.Generator().manual_seed(index)
             candidates = {"input": weak}
             with torch.no_grad():
@@ -159,8 +175,11 @@ def main() -> None:
                 label = candidates[name].clamp(0, 1)
                 matched = psnr(gt_mean_scaled(label, gt), gt)
                 psnrs.setdefault(f"{name}, GT-mean", []).append(matched)
-                prior = psnr(gt_mean_scaled(label, torch.full_like(label, labeled_brightness)), gt)
+                prior = psnr(scaled_to_grey(label, labeled_brightness), gt)
                 psnrs.setdefault(f"{name}, labeled mean", []).append(prior)
+                labels.setdefault(name, []).append(label)
+            for name, image in (("input", weak), ("teacher(weak)", candidates["teacher(weak)"]), ("gt", gt)):
+                grey.setdefault(name, []).append(float(grey_mean(image.clamp(0, 1))))
             names = [n for n in candidates if n != "input"]
             for metric_name, (metric, lower_better) in metrics.items():
                 with torch.no_grad():
@@ -176,11 +195,18 @@ def main() -> None:
                     spearman([sign * scores[n] for n in names], [image_psnr[n] for n in names])
                 )
 
+    for name, images in labels.items():
+        psnrs[f"{name}, one gain to labeled mean"] = one_gain_psnr(images, gts, labeled_brightness)
     result = {
         "checkpoint": str(args.checkpoint),
         "images": len(lows),
         "size": args.size,
         "psnr_db": {name: [float(np.mean(v)), float(np.std(v))] for name, v in psnrs.items()},
+        "labeled_brightness": labeled_brightness,
+        "grey_mean": {name: float(np.mean(v)) for name, v in grey.items()},
+        "grey_pearson_with_gt": {
+            name: float(np.corrcoef(grey[name], grey["gt"])[0, 1]) for name in ("input", "teacher(weak)")
+        },
         "tta_agreement": {name: [float(np.nanmean(v)), float(np.nanstd(v))] for name, v in split.items()},
         "no_reference": {
             name: {
@@ -195,6 +221,14 @@ def main() -> None:
     print(f"{len(lows)} unlabeled images with ground truth, views of {args.size}")
     for name, (mean, std) in result["psnr_db"].items():
         print(f"  PSNR {name:38s} {mean:6.2f} ± {std:.2f} dB")
+    print(
+        f"  mean grey level: labeled targets {labeled_brightness:.3f}, "
+        + ", ".join(f"{name} {value:.3f}" for name, value in result["grey_mean"].items())
+    )
+    print(
+        "  per-image brightness against the ground truth's, Pearson r: "
+        + ", ".join(f"{name} {value:+.2f}" for name, value in result["grey_pearson_with_gt"].items())
+    )
     tta = {name: mean for name, (mean, _) in result["tta_agreement"].items()}
     print(
         f"  8-fold TTA: spread vs error Spearman {tta['spearman']:+.2f}; PSNR where the 8 agree most "

@@ -11,7 +11,7 @@ import scipy.io
 import torch
 from skimage.metrics import structural_similarity
 
-from semi_llie.metrics.full_reference import FullReferenceMetrics, gt_mean_scaled
+from semi_llie.metrics.full_reference import FullReferenceMetrics, gt_mean_scaled, scaled_to_grey
 from semi_llie.metrics.pyiqa_metrics import PyiqaMetrics
 
 torch.set_num_threads(1)
@@ -176,3 +176,13 @@ def test_the_metric_table_decides_directions_and_never_downloads(empty_weight_ca
         with pytest.raises(ConfigError, match="not available locally"):
             create_pyiqa_metric(name)
     assert not list(empty_weight_caches.rglob("*.pth")) and not list(empty_weight_caches.rglob("*.mat"))
+
+
+def test_scaled_to_grey_reaches_each_level_by_one_gain_per_image():
+    images = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.4  # no clipping below
+    scaled = scaled_to_grey(images, torch.tensor([0.1, 0.3]))
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # OpenCV's RGB2GRAY, by hand
+    torch.testing.assert_close((scaled * weights).sum(1).mean(dim=(1, 2)), torch.tensor([0.1, 0.3]))
+    gains = scaled.flatten(1) / images.flatten(1)
+    torch.testing.assert_close(gains, gains[:, :1].expand_as(gains))
+    torch.testing.assert_close(scaled_to_grey(images, 0.2), scaled_to_grey(images, torch.tensor([0.2, 0.2])))

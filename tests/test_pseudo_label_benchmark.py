@@ -50,3 +50,11 @@ def test_agreement_split_finds_errors_where_the_views_disagree(benchmark):
     assert result["spearman"] > 0.8
     assert result["psnr_unsure"] == pytest.approx(20.0)  # |error| 0.1 -> 20 dB
     assert result["psnr_sure"] > 100  # exact: no error where the views agree
+
+
+def test_one_gain_psnr_scales_every_label_by_the_same_factor(benchmark):
+    # Two grey labels at 0.2 and 0.4 (average 0.3); level 0.45 asks for a gain of 1.5 on both: 0.3 and 0.6.
+    labels = [torch.full((1, 3, 2, 2), 0.2), torch.full((1, 3, 2, 2), 0.4)]
+    gts = [torch.full((1, 3, 2, 2), 0.4), torch.full((1, 3, 2, 2), 0.6)]
+    result = benchmark.one_gain_psnr(labels, gts, level=0.45)
+    assert result == pytest.approx([10 * np.log10(1 / 0.1**2), float("inf")])

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from semi_llie.data.augment import dihedral, undo_dihedral
-from semi_llie.metrics.full_reference import gt_mean_scaled
+from semi_llie.metrics.full_reference import scaled_to_grey
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -91,7 +91,7 @@ class EMATeacher:
         label = self._pseudo_label(weak, illum, symmetries)
         if self.brightness is None:
             return label
-        return gt_mean_scaled(label, torch.full_like(label, self.brightness))
+        return scaled_to_grey(label, self.brightness)
 
     def _pseudo_label(self, weak: Tensor, illum: Tensor | None, symmetries: int) -> Tensor:
         if symmetries == 1:

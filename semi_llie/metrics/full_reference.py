@@ -127,7 +127,14 @@ def grey_mean(images: Tensor) -> Tensor:
     return (images * images.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)).sum(1).mean(dim=(1, 2))
 
 
+def scaled_to_grey(images: Tensor, level: Tensor | float) -> Tensor:
+    """B×3×H×W images, each scaled by one gain to mean grey level `level` ((B,) or one for all), then
+    clamped to [0, 1] (so a bright image can end a little below its level)."""
+    target = torch.as_tensor(level, dtype=images.dtype, device=images.device)
+    gain = target / grey_mean(images).clamp_min(1e-8)
+    return (images * gain.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
 def gt_mean_scaled(pred: Tensor, gt: Tensor) -> Tensor:
     """B×3×H×W output with its brightness matched to the ground truth's (the 'GT-mean' protocol)."""
-    ratio = grey_mean(gt) / grey_mean(pred).clamp_min(1e-8)
-    return (pred * ratio.view(-1, 1, 1, 1)).clamp(0, 1)
+    return scaled_to_grey(pred, grey_mean(gt))
