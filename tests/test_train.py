@@ -480,3 +480,18 @@ def test_labeled_brightness_is_the_labeled_targets_mean_grey_level(tiny_shards):
         expected.append(np.mean(rgb @ np.array([0.299, 0.587, 0.114])) / 255)
     assert len(expected) == 8
     assert labeled_brightness(manifest) == pytest.approx(np.mean(expected), abs=1e-6)
+
+
+def test_unsup_weight_scale_reads_the_shards_unlabeled_per_labeled(tiny_shards):
+    from semi_llie.engine.run import unlabeled_per_labeled
+    from semi_llie.losses import build_objective
+
+    manifest = Manifest.open(tiny_shards)
+    splits = [record["split"] for record in manifest.data["samples"]]  # reference: the sample records
+    ratio = splits.count("unlabeled") / splits.count("labeled")
+    assert unlabeled_per_labeled(manifest) == pytest.approx(ratio)
+    no_ram = {"loss_weight": 0}
+    block = {"unsup_weight": {"weight": 0.3, "scale": "unlabeled_per_labeled"}, "ram_perceptual": no_ram}
+    block["contrastive"] = no_ram
+    objective = build_objective(block, unlabeled_per_labeled=unlabeled_per_labeled(manifest))
+    assert objective.unsup_weight.weight == pytest.approx(min(1.0, 0.3 * ratio))

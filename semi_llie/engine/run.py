@@ -178,6 +178,12 @@ def labeled_brightness(manifest: Manifest) -> float:
     return brightness
 
 
+def unlabeled_per_labeled(manifest: Manifest) -> float | None:
+    """The shards' unlabeled samples per labeled pair (`losses.unsup_weight.scale`); None without labels."""
+    labeled = manifest.num_samples("labeled")
+    return manifest.num_samples("unlabeled") / labeled if labeled else None
+
+
 def setup_run(cfg: Config, resume: str | None, overwrite: bool) -> Run:
     config_yaml = cfg.to_yaml()
     output_dir = Path(cfg.train.output_dir)
@@ -212,7 +218,9 @@ def setup_run(cfg: Config, resume: str | None, overwrite: bool) -> Run:
     aligned = cfg.teacher.pseudo_label_brightness == "labeled_mean"
     brightness = labeled_brightness(manifest) if aligned else None
     teacher = EMATeacher(student, decay=cfg.teacher.decay, brightness=brightness).to(accelerator.device)
-    objective = build_objective(cfg.losses).to(accelerator.device)  # holds the frozen semantic extractor
+    objective = build_objective(cfg.losses, unlabeled_per_labeled=unlabeled_per_labeled(manifest))
+    objective = objective.to(accelerator.device)  # holds the frozen semantic extractor
+    logger.info("unsupervised weight %s", objective.unsup_weight)
     use_unlabeled = objective.needs_unlabeled and cfg.data.batch_size_unlabeled > 0
     bank = (
         ReliableBank.from_config(cfg.bank, accelerator.device, rank)
