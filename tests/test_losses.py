@@ -229,18 +229,21 @@ def test_brightness_matched_consistency_ignores_exposure_and_sees_structure():
     assert value.item() > 0.01
 
 
-def test_exposure_loss_compares_mean_grey_levels_only():
+def test_exposure_loss_compares_channel_means_only():
     pred = torch.zeros(2, 3, 8, 8)
     pred[0, 0], pred[1, 2] = 0.5, 1.0  # a red image at half and a blue one at full intensity
     positive = torch.full((2, 3, 8, 8), 0.4)
-    expected = (
-        0.5 * sum(abs(grey_by_hand(p) - grey_by_hand(q)) for p, q in zip(pred, positive, strict=True)) / 2
-    )
+    # by hand: per image and channel |0.5 - 0.4|, |0 - 0.4|, ...; the mean of the six
+    expected = 0.5 * (0.1 + 0.4 + 0.4 + 0.4 + 0.4 + 0.6) / 6
     assert ExposureLoss(loss_weight=0.5)(pred, positive).item() == pytest.approx(expected, rel=1e-6)
-    # any picture at the positive's level costs nothing: a checkerboard of 0.8 and 0 averages 0.4
+    # any picture with the positive's channel means costs nothing: a checkerboard of 0.8 and 0 averages 0.4
     checker = torch.zeros(2, 3, 8, 8)
     checker[..., ::2, ::2] = checker[..., 1::2, 1::2] = 0.8
     assert ExposureLoss(loss_weight=1.0)(checker, positive).item() == pytest.approx(0.0, abs=1e-7)
+    # a darker image is pushed up equally in every channel and pixel (a grey level would favour green)
+    dark = torch.full((1, 3, 4, 4), 0.2, requires_grad=True)
+    ExposureLoss(loss_weight=1.0)(dark, positive[:1, :, :4, :4]).backward()
+    assert torch.allclose(dark.grad, torch.full_like(dark, -1.0 / (3 * 16)))
     assert not ExposureLoss().enabled  # off by default: not part of the paper's objective
 
 

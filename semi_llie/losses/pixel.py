@@ -75,12 +75,13 @@ class ConsistencyLoss(WeightedLoss):
 
 
 class ExposureLoss(WeightedLoss):
-    """loss_weight · mean over images of |grey(y_s) - grey(p)|: the strong-view output's mean grey level
-    against the positive's (with `teacher.pseudo_label_brightness: labeled_mean`, the labeled targets'
-    level). One number per image, so it moves exposure and nothing else (our addition; default off)."""
+    """loss_weight · L1 between the strong-view output's per-channel means and the positive's (B×3 each): its
+    exposure and white balance, nothing else (with `teacher.pseudo_label_brightness: labeled_mean` the
+    positive is at the labeled targets' level). Per channel, not one grey level: a grey level's gradient
+    would push green six times harder than blue and tint the output. Our addition; default off."""
 
     def __init__(self, loss_weight: float = 0.0, enabled: bool = True) -> None:
         super().__init__(loss_weight, enabled)
 
     def forward(self, pred: Tensor, positive: Tensor) -> Tensor:
-        return self.loss_weight * (grey_mean(pred) - grey_mean(positive.detach())).abs().mean()
+        return self.loss_weight * F.l1_loss(pred.mean(dim=(2, 3)), positive.detach().mean(dim=(2, 3)))
