@@ -41,7 +41,6 @@ DEFAULT_LOSS_CONFIG: dict[str, dict[str, Any]] = {
     "gradient": {"type": "GradientLoss", "loss_weight": 0.1},
     "consistency": {"type": "ConsistencyLoss", "loss_weight": 1.0},
     "contrastive": {"type": "SemanticContrastiveLoss", "loss_weight": 1.0},
-    "exposure": {"type": "ExposureLoss", "loss_weight": 0.0},  # our addition, off in the paper's recipe
     "unsup_weight": {"weight": 0.1, "ramp_length": 100, "unit": "epoch", "until": None, "scale": "none"},
 }
 

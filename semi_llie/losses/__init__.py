@@ -8,7 +8,7 @@ from semi_llie.losses.build import (
     SemiLLIEObjective,
     build_objective,
 )
-from semi_llie.losses.pixel import ConsistencyLoss, ExposureLoss, FidelityLoss, GradientLoss, WeightedLoss
+from semi_llie.losses.pixel import ConsistencyLoss, FidelityLoss, GradientLoss, WeightedLoss
 from semi_llie.losses.ramp import RampedWeight
 from semi_llie.losses.semantic import RAMPerceptualLoss, SemanticContrastiveLoss
 
@@ -17,7 +17,6 @@ __all__ = [
     "LOSSES",
     "TERM_NAMES",
     "ConsistencyLoss",
-    "ExposureLoss",
     "FidelityLoss",
     "GradientLoss",
     "ObjectiveOutput",

@@ -7,7 +7,6 @@
       gradient:       {type: GradientLoss, loss_weight: 0.1}
       consistency:    {type: ConsistencyLoss, loss_weight: 1.0}
       contrastive:    {type: SemanticContrastiveLoss, loss_weight: 1.0}
-      exposure:       {type: ExposureLoss, loss_weight: 0}   (our addition: the strong view's brightness)
       unsup_weight:   {weight: 0.1, ramp_length: 100, unit: epoch, until: null, scale: none}
 
 A slot left out takes the paper's block above (`semi_llie.config.DEFAULT_LOSS_CONFIG`); a term is switched
@@ -24,15 +23,14 @@ from torch import Tensor, nn
 
 from semi_llie.config import DEFAULT_LOSS_CONFIG
 from semi_llie.errors import ConfigError
-from semi_llie.losses.pixel import ConsistencyLoss, ExposureLoss, FidelityLoss, GradientLoss, WeightedLoss
+from semi_llie.losses.pixel import ConsistencyLoss, FidelityLoss, GradientLoss, WeightedLoss
 from semi_llie.losses.ramp import RampedWeight
 from semi_llie.losses.semantic import RAMPerceptualLoss, SemanticContrastiveLoss
 from semi_llie.registry import Registry, check_kwargs
 from semi_llie.semantic import FrozenExtractor, build_semantic
 
 LOSSES = Registry("loss")
-PIXEL_LOSSES = (FidelityLoss, GradientLoss, ConsistencyLoss, ExposureLoss)
-for _loss in (*PIXEL_LOSSES, RAMPerceptualLoss, SemanticContrastiveLoss):
+for _loss in (FidelityLoss, GradientLoss, ConsistencyLoss, RAMPerceptualLoss, SemanticContrastiveLoss):
     LOSSES.register()(_loss)
 
 # Slot -> name under which the term is logged (MLflow: train/<name>).
@@ -42,7 +40,6 @@ TERM_NAMES = {
     "gradient": "sup/grad",
     "consistency": "unsup/consistency",
     "contrastive": "unsup/contrast",
-    "exposure": "unsup/exposure",
 }
 SEMANTIC_SLOTS = ("ram_perceptual", "contrastive")
 
@@ -62,7 +59,6 @@ class SemiLLIEObjective(nn.Module):
         ram_perceptual: WeightedLoss | None,
         consistency: WeightedLoss,
         contrastive: WeightedLoss | None,
-        exposure: WeightedLoss,
         unsup_weight: RampedWeight,
     ) -> None:
         super().__init__()
@@ -81,11 +77,7 @@ class SemiLLIEObjective(nn.Module):
         self.unsupervised = nn.ModuleDict(
             {
                 slot: loss
-                for slot, loss in (
-                    ("consistency", consistency),
-                    ("contrastive", contrastive),
-                    ("exposure", exposure),
-                )
+                for slot, loss in (("consistency", consistency), ("contrastive", contrastive))
                 if loss is not None and loss.enabled
             }
         )
@@ -137,7 +129,6 @@ class SemiLLIEObjective(nn.Module):
             unsupervised_inputs = {
                 "consistency": (unsup_pred, positive),
                 "contrastive": (unsup_pred, positive, unsup_input),
-                "exposure": (unsup_pred, positive),
             }
             unsupervised = pred.new_zeros(())
             for slot, loss in self.unsupervised.items():
@@ -191,7 +182,6 @@ def build_objective(
         ram_perceptual=build("ram_perceptual"),
         consistency=build("consistency"),
         contrastive=build("contrastive"),
-        exposure=build("exposure"),
         unsup_weight=unsup_weight,
     )
 

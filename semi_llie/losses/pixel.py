@@ -1,13 +1,10 @@
-"""Pixel-space losses (METHOD §3): fidelity, gradient, consistency, and our exposure term.
-
-Images are (B, 3, H, W) in [0, 1]."""
+"""Pixel-space losses (METHOD §3): fidelity, gradient and consistency. Images are (B, 3, H, W) in [0, 1]."""
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from semi_llie.metrics.full_reference import grey_mean, scaled_to_grey
 from semi_llie.models import image_gradient
 
 
@@ -54,34 +51,10 @@ class GradientLoss(WeightedLoss):
 
 
 class ConsistencyLoss(WeightedLoss):
-    """loss_weight · L1(y_s, p): the student's strong-view output against the (detached) positive.
+    """loss_weight · L1(y_s, p): the student's strong-view output against the (detached) positive."""
 
-    `match_brightness` (our addition): y_s is first scaled by one gain to p's mean grey level (the GT-mean
-    protocol, gain differentiable), so the term teaches structure and colour but not exposure; pair it with
-    `ExposureLoss`, which teaches only the level. Default off: the paper's term.
-    """
-
-    def __init__(
-        self, loss_weight: float = 1.0, enabled: bool = True, match_brightness: bool = False
-    ) -> None:
-        super().__init__(loss_weight, enabled)
-        self.match_brightness = match_brightness
-
-    def forward(self, pred: Tensor, positive: Tensor) -> Tensor:
-        positive = positive.detach()
-        if self.match_brightness:
-            pred = scaled_to_grey(pred, grey_mean(positive))
-        return self.loss_weight * F.l1_loss(pred, positive)
-
-
-class ExposureLoss(WeightedLoss):
-    """loss_weight · L1 between the strong-view output's per-channel means and the positive's (B×3 each): its
-    exposure and white balance, nothing else (with `teacher.pseudo_label_brightness: labeled_mean` the
-    positive is at the labeled targets' level). Per channel, not one grey level: a grey level's gradient
-    would push green six times harder than blue and tint the output. Our addition; default off."""
-
-    def __init__(self, loss_weight: float = 0.0, enabled: bool = True) -> None:
+    def __init__(self, loss_weight: float = 1.0, enabled: bool = True) -> None:
         super().__init__(loss_weight, enabled)
 
     def forward(self, pred: Tensor, positive: Tensor) -> Tensor:
-        return self.loss_weight * F.l1_loss(pred.mean(dim=(2, 3)), positive.detach().mean(dim=(2, 3)))
+        return self.loss_weight * F.l1_loss(pred, positive.detach())
