@@ -87,11 +87,7 @@ class DataConfig(Block):
     # Keep decoded labeled pairs in RAM (9 bytes per pixel per pair, per data reader): for small labeled sets
     # trained with small crops and large batches, where PNG decoding would bound the step.
     cache_labeled: bool = False
-    unlabeled_size: int = Field(256, ge=8)  # side of the square weak/strong views
-    # The weak view: the whole image resized to unlabeled_size (METHOD §2, "resize"), or a random crop of that
-    # size at full resolution with a dihedral transform ("crop", our addition): the scale and noise the model
-    # meets at evaluation. A crop is new at every visit, so the bank (one positive per image) must be off.
-    unlabeled_view: Literal["resize", "crop"] = "resize"
+    unlabeled_size: int = Field(256, ge=8)  # weak/strong views are resized to this square size
     # The strong view: METHOD §2's colour jitter, grayscale and blur ("paper"), or exposure, sensor noise and
     # blur ("lowlight", semi_llie.data.augment.lowlight_strong_view).
     strong_augment: Literal["paper", "lowlight"] = "paper"
@@ -197,15 +193,6 @@ class Config(Block):
     def _model_has_a_type(self) -> Config:
         if "type" not in self.model:
             raise ValueError("the model block needs a `type:` key (e.g. type: MambaLowlight)")
-        return self
-
-    @model_validator(mode="after")
-    def _cropped_views_have_no_bank(self) -> Config:
-        if self.data.unlabeled_view == "crop" and self.bank.enabled:
-            raise ValueError(
-                "data.unlabeled_view: crop takes a new crop at every visit, which the bank's one positive "
-                "per image cannot follow: set bank.enabled: false"
-            )
         return self
 
     @field_validator("losses")

@@ -191,11 +191,3 @@ def test_milestones_in_epochs_must_increase_once_converted():
     assert Schedule.resolve(cfg, steps_per_epoch=3).milestones == [6, 10]
     with pytest.raises(ConfigError, match=r"must increase; in steps they are \[12, 10\]"):
         Schedule.resolve(cfg, steps_per_epoch=6)
-
-
-def test_cropped_unlabeled_views_need_the_bank_off(tmp_path):
-    path = write(tmp_path, MINIMAL)
-    assert load_config(path).data.unlabeled_view == "resize"  # the paper's view
-    with pytest.raises(ConfigError, match="bank.enabled: false"):
-        load_config(path, ["data.unlabeled_view=crop"])
-    assert load_config(path, ["data.unlabeled_view=crop", "bank.enabled=false"]).data.unlabeled_view == "crop"

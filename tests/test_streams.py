@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from shard_helpers import make_dataset
 
 from semi_llie.data import Manifest, eval_loader, labeled_loader, streams, unlabeled_loader
@@ -113,48 +112,6 @@ def test_unlabeled_views(shards):
     assert torch.equal(first, strong_view(weak, torch.Generator().manual_seed(3)))
     views = [strong_view(weak, torch.Generator().manual_seed(s)) for s in range(8)]
     assert sum(not torch.equal(v, weak) for v in views) >= 6  # augmentation fires (p=0.8 jitter alone)
-
-
-def png_bytes(image: torch.Tensor) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def test_cropped_unlabeled_view_is_one_full_resolution_window_of_image_and_map():
-    generator = torch.Generator().manual_seed(0)
-    low = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, generator=generator)
-    illum = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, generator=generator)
-    raw = {"__key__": "k", "low.png": png_bytes(low), "illum.png": png_bytes(illum)}
-
-    def windows(image: torch.Tensor, transform: int) -> dict[tuple[int, int], torch.Tensor]:
-        """Every 8×8 window of one dihedral transform of the image, by its corner (a naive search)."""
-        turned = dihedral(image, transform)
-        return {
-            (top, left): turned[:, top : top + 8, left : left + 8]
-            for top in range(turned.shape[1] - 7)
-            for left in range(turned.shape[2] - 7)
-        }
-
-    found = set()
-    for seed in range(12):
-        view = streams.UnlabeledSample(8, view="crop")(raw, torch.Generator().manual_seed(seed))
-        weak, crop_illum = ((view[n] * 255).round().to(torch.uint8) for n in ("weak", "illum"))
-        matches = [
-            (transform, corner)
-            for transform in range(8)
-            for corner, window in windows(low, transform).items()
-            if torch.equal(window, weak)
-        ]
-        assert len(matches) == 1  # random pixels: exactly one place in one transform
-        transform, corner = matches[0]
-        assert torch.equal(windows(illum, transform)[corner], crop_illum)  # the map's same window
-        found.add(matches[0])
-    assert len(found) > 6  # the crop moves between draws
-    resized = streams.UnlabeledSample(8)(raw, torch.Generator().manual_seed(0))
-    assert torch.equal(resized["weak"], resize_square(low, 8))  # the paper's view: the whole image resized
-    with pytest.raises(ValueError, match="resize' or 'crop"):
-        streams.UnlabeledSample(8, view="tile")
 
 
 def test_lowlight_strong_view_changes_exposure_and_noise_but_never_colour():

@@ -247,31 +247,19 @@ class LabeledSample:
 
 
 class UnlabeledSample:
-    """Raw unlabeled sample -> `{"key", "weak", "strong", "illum": 3×S×S}`, S = unlabeled_size.
+    """Raw unlabeled sample -> `{"key", "weak", "strong", "illum": 3×S×S}`, S = unlabeled_size."""
 
-    view="resize": the whole image resized to S×S (METHOD §2); "crop": one random S×S crop and dihedral
-    transform of the image and its illumination map at full resolution (`paired_crop`).
-    """
-
-    def __init__(self, unlabeled_size: int, strong_augment: str = "paper", view: str = "resize") -> None:
-        if view not in ("resize", "crop"):
-            raise ValueError(f"unlabeled view must be 'resize' or 'crop', got {view!r}")
+    def __init__(self, unlabeled_size: int, strong_augment: str = "paper") -> None:
         self.unlabeled_size = unlabeled_size
         self.strong_augment = strong_augment
-        self.view = view
 
     def __call__(self, raw: RawSample, generator: torch.Generator) -> dict[str, Any]:
-        images = {name: decode(raw[f"{name}.png"]) for name in ("low", "illum")}  # 3×H×W uint8
-        if self.view == "crop":
-            crops = paired_crop(images, self.unlabeled_size, generator)  # each 3×S×S uint8
-            weak, illum = (crops[name].float() / 255.0 for name in ("low", "illum"))
-        else:
-            weak, illum = (resize_square(images[name], self.unlabeled_size) for name in ("low", "illum"))
+        weak = resize_square(decode(raw["low.png"]), self.unlabeled_size)  # 3×S×S
         return {
             "key": raw["__key__"],
             "weak": weak,
             "strong": strong_view(weak, generator, self.strong_augment),
-            "illum": illum,
+            "illum": resize_square(decode(raw["illum.png"]), self.unlabeled_size),
         }
 
 
@@ -450,7 +438,6 @@ def unlabeled_loader(
     unlabeled_size: int = 256,
     *,
     strong_augment: str = "paper",
-    view: str = "resize",
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
@@ -461,12 +448,11 @@ def unlabeled_loader(
     known_bad: frozenset[str] = frozenset(),
 ) -> DataLoader:
     """Infinite loader of unlabeled batches `{"key": [str], "index": B, "weak", "strong", "illum": B×3×S×S,
-    "skipped": [str]}`; "index" is each sample's split index, which decides its owner rank. `view`: as in
-    `UnlabeledSample`."""
+    "skipped": [str]}`; "index" is each sample's split index, which decides its owner rank."""
     stream = TrainingStream(
         open_location(location),
         "unlabeled",
-        UnlabeledSample(unlabeled_size, strong_augment, view),
+        UnlabeledSample(unlabeled_size, strong_augment),
         batch_size,
         seed=seed,
         rank=rank,

@@ -124,7 +124,6 @@ class Streams:
                     cfg.data.batch_size_unlabeled,
                     cfg.data.unlabeled_size,
                     strong_augment=cfg.data.strong_augment,
-                    view=cfg.data.unlabeled_view,
                     known_bad=known_bad["unlabeled"],
                     **common,
                 )
