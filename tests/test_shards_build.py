@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import multiprocessing
 import statistics
 import tarfile
 from pathlib import Path
@@ -482,3 +483,6 @@ def test_a_corrupt_image_found_by_a_worker_process_is_reported(tmp_path, capsys)
     bad.write_bytes(bad.read_bytes()[:200])
     message = error_of(capsys, build(tmp_path / "out", data, "--workers", "2"))
     assert str(bad) in message and "--skip-bad" in message
+    # the build stopped early: its worker pool is shut down now, not whenever the garbage collector gets to it
+    # (a pool terminated from a later collection once hung the test session)
+    assert multiprocessing.active_children() == []

@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import tarfile
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -202,16 +203,19 @@ def build_shards(config: BuildConfig) -> dict[str, Any]:
     }
     records: list[dict[str, Any]] = []
     try:
-        progress = tqdm(_encoded(samples, config), total=len(samples), desc="shards", unit="sample")
-        for sample, encoded in zip(samples, progress, strict=True):
-            if isinstance(encoded, SkippableInputError):
-                if not config.skip_bad:
-                    raise encoded
-                skipped.append(encoded.record())
-                continue
-            subset = sample.subset if sample.split == "test" else ""
-            encoded.record["shard"] = writers[sample.split].add(encoded, subset)
-            records.append(encoded.record)
+        # closing(): an early stop (a bad sample) shuts the worker pool here and now; left to the garbage
+        # collector, Pool.terminate ran at some later moment and could hang the process.
+        with closing(_encoded(samples, config)) as encoded_samples:
+            progress = tqdm(encoded_samples, total=len(samples), desc="shards", unit="sample")
+            for sample, encoded in zip(samples, progress, strict=True):
+                if isinstance(encoded, SkippableInputError):
+                    if not config.skip_bad:
+                        raise encoded
+                    skipped.append(encoded.record())
+                    continue
+                subset = sample.subset if sample.split == "test" else ""
+                encoded.record["shard"] = writers[sample.split].add(encoded, subset)
+                records.append(encoded.record)
         for writer in writers.values():
             writer.close()
         if not config.allow_overlap:
