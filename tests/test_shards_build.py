@@ -6,6 +6,7 @@ import io
 import json
 import math
 import multiprocessing
+import shutil
 import statistics
 import tarfile
 from pathlib import Path
@@ -21,7 +22,7 @@ from semi_llie.data.build_cli import statistics_lines, summary
 from semi_llie.data.illumination import illumination_map
 from semi_llie.data.images import load_rgb8
 from semi_llie.data.manifest import input_statistics, unlabeled_brightness_check
-from semi_llie.data.sources import sample_key
+from semi_llie.data.sources import sample_key, split_pairs
 from semi_llie.errors import UserError
 
 
@@ -178,6 +179,89 @@ def test_split_is_seeded_and_independent_of_listing_order(tmp_path, dataset):
 
     assert splits(one) == splits(same) != splits(other)
     assert sorted(splits(one).values()).count("test") == 2
+
+
+def test_test_folds_hold_out_every_pair_once_and_the_fraction_split_is_unchanged():
+    items = [("lol", f"{i:03d}") for i in range(23)]
+    order = [items[i] for i in np.random.default_rng(7).permutation(23)]  # the split's own seeded order
+    tested = []
+    for fold in range(1, 6):
+        split_of = split_pairs(items, val_fraction=0.1, test_fraction=0.0, seed=7, test_fold=(fold, 5))
+        test = [item for item in order if split_of[item] == "test"]
+        rest = [item for item in order if split_of[item] != "test"]
+        assert len(test) == (5 if fold <= 3 else 4)  # 23 = 5 + 5 + 5 + 4 + 4, contiguous in the order
+        assert [split_of[item] for item in rest] == ["val"] * 2 + ["labeled"] * (len(rest) - 2)
+        tested += test
+    assert sorted(tested) == items  # every pair tested exactly once over the five builds
+
+    # Without folds: val is the order's first 10 %, test the next 20 %, as before folds existed.
+    split_of = split_pairs(items, val_fraction=0.1, test_fraction=0.2, seed=7)
+    assert [split_of[item] for item in order] == ["val"] * 2 + ["test"] * 5 + ["labeled"] * 16
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--test-fold", "6/5"], "I must be between 1 and N"),
+        (["--test-fold", "2of5"], "expects I/N"),
+        (["--test-fold", "1/5", "--test-fraction", "0.2"], "drop --test-fraction"),
+        (["--test-fold", "1/1"], "2 <= N"),
+    ],
+)
+def test_test_fold_refusals_say_what_to_change(tmp_path, dataset, capsys, extra, message):
+    try:
+        code = build(tmp_path, dataset, *extra)
+    except SystemExit as exit_:  # argparse refuses a malformed I/N
+        code = exit_.code
+    assert code != 0
+    assert message in capsys.readouterr().err
+
+
+def test_test_fold_build_records_the_fold_and_tests_that_fold(tmp_path, dataset):
+    assert build(tmp_path, dataset, "--test-fold", "2/4", "--seed", "5") == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["builder"]["arguments"]["test_fold"] == [2, 4]
+    pairs = [r for r in manifest["samples"] if r["split"] != "unlabeled"]
+    found = {Path(r["sources"]["low"]["path"]).stem: r["split"] for r in pairs}
+    stems = sorted(found)
+    expected = split_pairs(
+        [("data", stem) for stem in stems], val_fraction=0.25, test_fraction=0.0, seed=5, test_fold=(2, 4)
+    )
+    assert found == {stem: split for (_, stem), split in expected.items()}
+    assert list(found.values()).count("test") == len(stems) // 4
+
+
+def test_near_duplicate_pairs_share_a_fold_in_every_build(tmp_path, dataset):
+    # A copy of one pair under a new stem, re-encoded a little darker: a second shot of the same scene.
+    low, high = tmp_path / "data" / "low", tmp_path / "data" / "high"
+    shutil.copytree(dataset["low"], low)
+    shutil.copytree(dataset["high"], high)
+    for folder in (low, high):
+        pixels = np.asarray(Image.open(folder / "syn1.png")).astype(int)
+        save(folder / "syn1again.png", np.clip(pixels - 6, 0, 255).astype(np.uint8))
+    splits_of_copies = set()
+    for fold in range(1, 4):
+        out = tmp_path / f"fold{fold}"
+        assert build(out, {"low": low, "high": high}, "--test-fold", f"{fold}/3", "--seed", "4") == 0
+        split = {
+            Path(r["sources"]["low"]["path"]).stem: r["split"]
+            for r in json.loads((out / "manifest.json").read_text())["samples"]
+        }
+        assert split["syn1"] == split["syn1again"]
+        splits_of_copies.add(split["syn1"])
+    assert "test" in splits_of_copies  # the pair was held out once, with its copy
+
+
+def test_groups_take_the_split_of_their_first_item_in_the_order():
+    items = [("lol", f"{i:02d}") for i in range(20)]
+    plain = split_pairs(items, val_fraction=0.2, test_fraction=0.0, seed=3, test_fold=(2, 4))
+    order = [items[i] for i in np.random.default_rng(3).permutation(20)]
+    first, last = order[0], order[-1]  # val and labeled without groups
+    assert (plain[first], plain[last]) == ("val", "labeled")
+    grouped = split_pairs(
+        items, val_fraction=0.2, test_fraction=0.0, seed=3, test_fold=(2, 4), groups={first: 0, last: 0}
+    )
+    assert grouped == {**plain, last: "val"}
 
 
 def test_labeled_fraction_keeps_val_and_test_and_moves_or_drops_the_other_pairs(tmp_path, dataset):

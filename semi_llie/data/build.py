@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from semi_llie.data.illumination import illumination_map, perceptual_hash
+from semi_llie.data.illumination import hamming_matrix, illumination_map, perceptual_hash
 from semi_llie.data.images import encode_png, load_rgb8
 from semi_llie.data.manifest import (
     FORMAT,
@@ -50,6 +50,7 @@ class BuildConfig:
     roots: tuple[str, ...] = ()
     val_fraction: float | None = None
     test_fraction: float | None = None
+    test_fold: tuple[int, int] | None = None  # (index, count), 1-based
     labeled_fraction: float = 1.0
     drop_unused_pairs: bool = False
     labeled_lows_as_unlabeled: bool = False
@@ -185,6 +186,8 @@ def build_shards(config: BuildConfig) -> dict[str, Any]:
         [Path(d) for d in config.roots],
         val_fraction=config.val_fraction,
         test_fraction=config.test_fraction,
+        test_fold=config.test_fold,
+        fold_duplicate_distance=config.overlap_distance,
         labeled_fraction=config.labeled_fraction,
         drop_unused_pairs=config.drop_unused_pairs,
         labeled_lows_as_unlabeled=config.labeled_lows_as_unlabeled,
@@ -309,7 +312,7 @@ def check_overlaps(records: list[dict[str, Any]], max_distance: int) -> None:
     ]
     if not unlabeled or not held_out:
         return
-    distances = _hamming_matrix([h for _, h in unlabeled], [h for _, h in held_out])  # (U, E)
+    distances = hamming_matrix([h for _, h in unlabeled], [h for _, h in held_out])  # (U, E)
     found = sorted(
         {
             (unlabeled[i][0], held_out[j][0], int(distances[i, j]))
@@ -322,19 +325,6 @@ def check_overlaps(records: list[dict[str, Any]], max_distance: int) -> None:
             f"{len(found)} unlabeled image(s) duplicate val/test images (pHash distance <= {max_distance}): "
             f"{listing}; remove them from the unlabeled set or pass --allow-overlap"
         )
-
-
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-def _hamming_matrix(a: list[int], b: list[int]) -> np.ndarray:
-    """(len(a), len(b)) Hamming distances between 64-bit hashes, computed in row blocks."""
-    left, right = np.array(a, dtype=np.uint64), np.array(b, dtype=np.uint64)
-    rows = []
-    for start in range(0, len(left), 1024):
-        xor = left[start : start + 1024, None] ^ right[None, :]  # (block, E) uint64
-        rows.append(_POPCOUNT[xor[..., None].view(np.uint8)].sum(axis=-1, dtype=np.int32))
-    return np.concatenate(rows)
 
 
 def _encoded(samples: list[Sample], config: BuildConfig) -> Iterator[EncodedSample | SkippableInputError]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from semi_llie.data.build import BuildConfig, build_shards
@@ -47,6 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--test-fraction", type=float, default=None, help="fraction of pairs held out for test"
     )
     parser.add_argument(
+        "--test-fold",
+        type=_index_of("--test-fold", "3/5"),
+        default=None,
+        metavar="I/K",
+        help="hold out fold I of K of the pairs for test instead of --test-fraction; builds 1/K .. K/K "
+        "with one --seed test every pair once (cross-validation)",
+    )
+    parser.add_argument(
         "--labeled-fraction",
         type=float,
         default=1.0,
@@ -81,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--part",
-        type=_part,
+        type=_index_of("--part", "2/8"),
         default=None,
         metavar="I/N",
         help="build part I of N (1-based) into OUT; join the parts with `semi-llie shards merge`",
@@ -98,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overlap-distance",
         type=int,
         default=6,
-        help="pHash Hamming distance (of 64 bits) at or below which images count as duplicates",
+        help="pHash Hamming distance (of 64 bits) at or below which images count as duplicates (the leak "
+        "guard; pairs kept in one fold by --test-fold)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing build (or part) in OUT")
 
@@ -115,6 +125,7 @@ def main(args: argparse.Namespace) -> int:
         roots=tuple(args.root),
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
+        test_fold=args.test_fold,
         labeled_fraction=args.labeled_fraction,
         drop_unused_pairs=args.drop_unused_pairs,
         labeled_lows_as_unlabeled=args.labeled_lows_as_unlabeled,
@@ -189,11 +200,16 @@ def _brightness_lines(check: BrightnessCheck) -> list[str]:
     return lines
 
 
-def _part(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--part expects I/N, e.g. 2/8, got {text!r}") from None
-    if not 1 <= index <= count:
-        raise argparse.ArgumentTypeError(f"--part {text}: I must be between 1 and N")
-    return index, count
+def _index_of(flag: str, example: str) -> Callable[[str], tuple[int, int]]:
+    """A parser of "I/N" (1-based) for `flag`."""
+
+    def parse(text: str) -> tuple[int, int]:
+        try:
+            index, count = (int(x) for x in text.split("/"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} expects I/N, e.g. {example}, got {text!r}") from None
+        if not 1 <= index <= count:
+            raise argparse.ArgumentTypeError(f"{flag} {text}: I must be between 1 and N")
+        return index, count
+
+    return parse

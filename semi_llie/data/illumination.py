@@ -83,8 +83,17 @@ def perceptual_hash(rgb: np.ndarray) -> int:
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
-def hamming_distance(a: int, b: int) -> int:
-    return (a ^ b).bit_count()
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def hamming_matrix(a: list[int], b: list[int]) -> np.ndarray:
+    """(len(a), len(b)) Hamming distances between 64-bit hashes, computed in row blocks."""
+    left, right = np.array(a, dtype=np.uint64), np.array(b, dtype=np.uint64)
+    rows = []
+    for start in range(0, len(left), 1024):
+        xor = left[start : start + 1024, None] ^ right[None, :]  # (block, E) uint64
+        rows.append(_POPCOUNT[xor[..., None].view(np.uint8)].sum(axis=-1, dtype=np.int32))
+    return np.concatenate(rows)
 
 
 def _area_resize(gray: np.ndarray, size: int) -> np.ndarray:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from semi_llie.data.images import is_image_file
+from semi_llie.data.illumination import hamming_matrix, perceptual_hash
+from semi_llie.data.images import is_image_file, load_rgb8
 from semi_llie.data.problems import SkippableInputError
 from semi_llie.errors import UserError
 
@@ -130,6 +131,8 @@ def collect_inputs(
     *,
     val_fraction: float | None = None,
     test_fraction: float | None = None,
+    test_fold: tuple[int, int] | None = None,
+    fold_duplicate_distance: int = 6,
     labeled_fraction: float = 1.0,
     drop_unused_pairs: bool = False,
     labeled_lows_as_unlabeled: bool = False,
@@ -140,6 +143,10 @@ def collect_inputs(
 
     `--pairs` folders and `ROOT/labeled` are split into labeled/val/test by `split_pairs` when no root has a
     `val/` folder; `val_fraction`/`test_fraction` of None mean "0.1 / 0 when splitting, else 0".
+    `test_fold` (index, count), 1-based, holds out fold `index` of `count` instead of `test_fraction`: the
+    builds for index 1..count test every pair exactly once (cross-validation). Pairs whose low or high
+    images are within `fold_duplicate_distance` pHash bits of each other (LOL has two such scenes) share one
+    split, so that no fold trains on a copy of an image it tests.
     `labeled_fraction` < 1 keeps a seeded subset of the labeled pairs and moves the other pairs' low images
     to the unlabeled split (their ground truth is dropped), or with `drop_unused_pairs` leaves them out: a
     label-efficiency study on one paired set, with same-domain or other unlabeled data.
@@ -193,16 +200,18 @@ def collect_inputs(
                     for s, p in collector.list_images(test_dir / "input").items()
                 ]
 
-    if has_val_split and (val_fraction or test_fraction):
+    if has_val_split and (val_fraction or test_fraction or test_fold):
         raise UserError(
-            "--val-fraction/--test-fraction split the labeled pairs, but a --root already has a val/ split; "
-            "drop the fractions or the val/ folder"
+            "--val-fraction/--test-fraction/--test-fold split the labeled pairs, but a --root already has a "
+            "val/ split; drop them or the val/ folder"
         )
     split_of = split_pairs(
         sorted((tag, stem) for tag, stem, _, _ in labeled_pairs),
         val_fraction=0.0 if has_val_split else (0.1 if val_fraction is None else val_fraction),
         test_fraction=test_fraction or 0.0,
+        test_fold=test_fold,
         seed=seed,
+        groups=near_duplicate_groups(labeled_pairs, fold_duplicate_distance) if test_fold else None,
     )
     unlabeled_now = pairs_without_labels(
         sorted(key for key, split in split_of.items() if split == "labeled"), labeled_fraction, seed
@@ -227,27 +236,86 @@ def collect_inputs(
 
 
 def split_pairs(
-    items: list[tuple[str, str]], *, val_fraction: float, test_fraction: float, seed: int
+    items: list[tuple[str, str]],
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    test_fold: tuple[int, int] | None = None,
+    groups: dict[tuple[str, str], int] | None = None,
 ) -> dict[tuple[str, str], str]:
-    """Seeded split of sorted (tag, stem) items into labeled/val/test; independent of listing order."""
+    """Seeded split of sorted (tag, stem) items into labeled/val/test; independent of listing order.
+
+    One seeded permutation orders the items. With `test_fraction` its first `val_fraction` go to val and the
+    next `test_fraction` to test. With `test_fold` = (index, count) the permutation is cut into `count`
+    near-equal folds, fold `index` (1-based) is test, and val is the first `val_fraction` of the items in the
+    other folds: over index 1..count every item is tested once, and the val and labeled items of each build
+    are drawn from the other folds only. Items of one of `groups` (item -> group id) all take the split of
+    the group's first item in the order.
+    """
     for name, fraction in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
         if not 0.0 <= fraction < 1.0:
             raise UserError(f"{name} must be in [0, 1), got {fraction}")
+    if test_fold is not None and test_fraction > 0:
+        raise UserError("--test-fold holds out its own test pairs; drop --test-fraction")
     if val_fraction + test_fraction >= 1.0:
         raise UserError("--val-fraction + --test-fraction must leave some pairs for training (sum < 1)")
     order = np.random.default_rng(seed).permutation(len(items))
     # A positive fraction gets at least one pair, so "--val-fraction 0.1" on 5 pairs still validates.
     n_val = max(round(len(items) * val_fraction), 1 if val_fraction > 0 else 0)
-    n_test = max(round(len(items) * test_fraction), 1 if test_fraction > 0 else 0)
-    if items and n_val + n_test >= len(items):
+    if test_fold is None:
+        n_test = max(round(len(items) * test_fraction), 1 if test_fraction > 0 else 0)
+        test, rest = order[n_val : n_val + n_test], np.concatenate([order[:n_val], order[n_val + n_test :]])
+    else:
+        index, count = test_fold
+        if not 1 <= index <= count or count < 2 or count > len(items):
+            raise UserError(
+                f"--test-fold {index}/{count}: need 1 <= I <= N and 2 <= N <= the {len(items)} labeled pairs"
+            )
+        folds = np.array_split(order, count)
+        test, rest = folds[index - 1], np.concatenate(folds[: index - 1] + folds[index:])
+    if items and n_val + len(test) >= len(items):
         raise UserError(
             f"{len(items)} labeled pairs are too few for --val-fraction {val_fraction} and "
-            f"--test-fraction {test_fraction}; lower the fractions or add pairs"
+            f"{len(test)} test pairs; lower the fractions or add pairs"
         )
-    split_of = {}
-    for rank, index in enumerate(order):
-        split_of[items[index]] = "val" if rank < n_val else "test" if rank < n_val + n_test else "labeled"
+    split_of = {items[index]: "test" for index in test}
+    for rank, index in enumerate(rest):
+        split_of[items[index]] = "val" if rank < n_val else "labeled"
+    if groups:
+        first_of_group: dict[int, str] = {}
+        for index in order:
+            if items[index] in groups:
+                group = groups[items[index]]
+                split_of[items[index]] = first_of_group.setdefault(group, split_of[items[index]])
     return split_of
+
+
+def near_duplicate_groups(
+    pairs: list[tuple[str, str, Path, Path]], max_distance: int
+) -> dict[tuple[str, str], int]:
+    """(tag, stem) -> group id for the pairs with a low or high image within `max_distance` pHash bits of
+    another pair's; pairs without a near duplicate are left out. Groups are closed under chaining."""
+    if not pairs:
+        return {}
+    hashes = [perceptual_hash(load_rgb8(path)) for _, _, low, high in pairs for path in (low, high)]
+    close = hamming_matrix(hashes, hashes) <= max_distance  # (2 pairs, 2 pairs): low, high of each pair
+    close = close.reshape(len(pairs), 2, len(pairs), 2).any(axis=(1, 3))  # (pairs, pairs)
+    parent = list(range(len(pairs)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, j in zip(*np.nonzero(np.triu(close, k=1)), strict=True):
+        parent[root(int(j))] = root(int(i))
+    members: dict[int, list[int]] = {}
+    for i in range(len(pairs)):
+        members.setdefault(root(i), []).append(i)
+    return {
+        (pairs[i][0], pairs[i][1]): group for group, found in members.items() if len(found) > 1 for i in found
+    }
 
 
 def pairs_without_labels(
