@@ -9,7 +9,9 @@ has a narrow one.
 
 Reads `DIR/children/*/eval-SPLIT/per_image.csv` and `sweep_done.json` (seed) of each arm; `sweep
 --evaluate-split test` writes eval-test, and `semi-llie evaluate --data SHARDS --split val --checkpoint CHILD
---out CHILD/eval-val` adds val.
+--out CHILD/eval-val` adds val. Children of one seed that scored different images are joined: a sweep with
+`--grid data.shards=` over the cross-validation folds (`shards build --test-fold I/K`) scores every image
+once per seed. A seed that did not score every image in both arms (a sweep still running) is left out.
 
     python benchmarks/paired_images.py --a runs/few/rule_25 --b runs/few/file_25 --split val --metric psnr
 """
@@ -26,21 +28,28 @@ import numpy as np
 
 
 def per_image_scores(arm: Path, split: str, metric: str) -> dict[int, dict[str, float]]:
-    """{seed: {image key: metric}} over the arm's children that were scored on `split`."""
-    scores = {}
+    """{seed: {image key: metric}} over the arm's children that were scored on `split`, folds joined."""
+    scores: dict[int, dict[str, float]] = {}
     for child in sorted((arm / "children").iterdir()):
         table = child / f"eval-{split}" / "per_image.csv"
         if not table.is_file():
             continue
         seed = json.loads((child / "sweep_done.json").read_text())["seed"]
         with table.open(newline="") as f:
-            scores[seed] = {row["key"]: float(row[metric]) for row in csv.DictReader(f)}
+            found = {row["key"]: float(row[metric]) for row in csv.DictReader(f)}
+        twice = found.keys() & scores.get(seed, {}).keys()
+        if twice:
+            raise ValueError(
+                f"{arm.name}: {len(twice)} image(s) scored by two children of seed {seed} (e.g. "
+                f"{min(twice)}); compare arms whose children of one seed score different images (folds)"
+            )
+        scores.setdefault(seed, {}).update(found)
     return scores
 
 
 @dataclass(frozen=True)
 class PairedDifference:
-    seeds: list[int]  # the seeds both arms ran
+    seeds: list[int]  # the seeds both arms ran on every image
     differences: np.ndarray  # (images,) A - B per image, each averaged over `seeds`
     low: float  # 95 % bootstrap interval of the mean difference
     high: float
@@ -57,13 +66,14 @@ class PairedDifference:
 def paired_difference(
     a: dict[int, dict[str, float]], b: dict[int, dict[str, float]], resamples: int = 10_000, seed: int = 0
 ) -> PairedDifference:
-    """A - B per image over the seeds both ran, with the percentile bootstrap of its mean over images."""
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
+    """A - B per image over the seeds both ran on every image, with the percentile bootstrap of its mean."""
+    common = sorted(set(a) & set(b))
+    if not common:
         raise ValueError("the two arms have no seed in common on this split")
-    keys = sorted(a[seeds[0]])
-    if any(sorted(scores[s]) != keys for scores in (a, b) for s in seeds):
-        raise ValueError("the arms were scored on different images")
+    keys = sorted(set().union(*(scores[s] for scores in (a, b) for s in common)))
+    seeds = [s for s in common if sorted(a[s]) == sorted(b[s]) == keys]
+    if not seeds:
+        raise ValueError("the arms were scored on different images: no seed scored every image in both")
     differences = np.array([np.mean([a[s][k] - b[s][k] for s in seeds]) for k in keys])
     rng = np.random.default_rng(seed)
     means = differences[rng.integers(0, len(keys), (resamples, len(keys)))].mean(axis=1)

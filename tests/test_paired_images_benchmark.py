@@ -23,9 +23,10 @@ def benchmark():
     return module
 
 
-def write_arm(folder, scores: dict[int, dict[str, float]], split: str = "val") -> None:
-    """A sweep folder as `semi-llie sweep` leaves it: one child per seed with its per-image table."""
-    for index, (seed, images) in enumerate(scores.items()):
+def write_arm(folder, scores: dict[int, dict[str, float]] | list, split: str = "val") -> None:
+    """A sweep folder as `semi-llie sweep` leaves it: a child per (seed, images) with its per-image table."""
+    children = list(scores.items()) if isinstance(scores, dict) else scores
+    for index, (seed, images) in enumerate(children):
         child = folder / "children" / f"{index:03d}-seed{index}"
         (child / f"eval-{split}").mkdir(parents=True)
         (child / "sweep_done.json").write_text(json.dumps({"seed": seed}))
@@ -51,6 +52,24 @@ def test_differences_use_the_common_seeds_and_the_interval_brackets_the_mean(ben
 
     constant = benchmark.paired_difference({1: {"x": 1.5, "y": 3.0}}, {1: {"x": 1.0, "y": 2.5}})
     assert constant.mean == constant.low == constant.high == pytest.approx(0.5)
+
+
+def test_folds_of_one_seed_are_joined_and_a_seed_still_running_is_left_out(benchmark, tmp_path):
+    # Two folds per seed (children 0-1 seed 1, children 2-3 seed 2); seed 2 of arm b has only its first fold.
+    fold1, fold2 = {"p": 10.0, "q": 12.0}, {"r": 14.0}
+    a = [(1, fold1), (1, fold2), (2, {"p": 11.0, "q": 13.0}), (2, {"r": 15.0})]
+    b = [(1, {"p": 9.0, "q": 12.5}), (1, {"r": 13.0}), (2, {"p": 10.0, "q": 12.0})]
+    write_arm(tmp_path / "a", a)
+    write_arm(tmp_path / "b", b)
+    scores = [benchmark.per_image_scores(tmp_path / arm, "val", "psnr") for arm in ("a", "b")]
+    assert scores[0] == {1: {"p": 10.0, "q": 12.0, "r": 14.0}, 2: {"p": 11.0, "q": 13.0, "r": 15.0}}
+    result = benchmark.paired_difference(*scores)
+    assert result.seeds == [1]  # seed 2 did not score r in arm b
+    np.testing.assert_allclose(result.differences, [1.0, -0.5, 1.0])  # p, q, r by hand
+
+    write_arm(tmp_path / "twice", [(1, fold1), (1, {"q": 11.0})])
+    with pytest.raises(ValueError, match="scored by two children of seed 1"):
+        benchmark.per_image_scores(tmp_path / "twice", "val", "psnr")
 
 
 def test_bootstrap_interval_matches_the_normal_approximation_on_many_images(benchmark):
