@@ -442,6 +442,25 @@ def test_leak_guard_finds_altered_copy_of_val_image(tmp_path, capsys):
     assert build(tmp_path / "out", {**data, "unlabeled": tmp_path / "unlabeled"}, "--allow-overlap") == 0
 
 
+def test_leak_guard_finds_a_labeled_pair_that_copies_a_fixed_val_pair(tmp_path, capsys):
+    root = tmp_path / "MyData"
+    for split, seeds in (("labeled", (1, 2)), ("val", (3,))):
+        for i in seeds:
+            save(root / split / "input" / f"{i}.png", smooth_image(i))
+            save(root / split / "GT" / f"{i}.png", 255 - smooth_image(i))
+    # The val pair again among the labeled ones, a little brighter: a second shot of the val scene.
+    save(
+        root / "labeled" / "input" / "again.png",
+        np.clip(smooth_image(3).astype(int) + 8, 0, 255).astype(np.uint8),
+    )
+    save(root / "labeled" / "GT" / "again.png", 255 - smooth_image(3))
+    message = error_of(capsys, cli(["shards", "build", "--root", str(root), "--out", str(tmp_path / "out")]))
+    assert (
+        f"labeled {root / 'labeled' / 'input' / 'again.png'} ~ {root / 'val' / 'input' / '3.png'}" in message
+    )
+    assert "1.png" not in message and "2.png" not in message
+
+
 def test_root_layout_with_val_and_named_test_sets(tmp_path):
     root = tmp_path / "LOLv1"
     for split, n in (("labeled", 3), ("val", 2), ("test/lol15", 2)):

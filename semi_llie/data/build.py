@@ -99,8 +99,7 @@ def encode_sample(sample: Sample, crop_size: int) -> EncodedSample | SkippableIn
                 continue
             sources[role] = {"path": str(path), "sha256": _sha256_file(path)}
             pixels[role] = load_rgb8(path)
-            if sample.split in ("unlabeled", "val", "test"):
-                hashes[role] = f"{perceptual_hash(pixels[role]):016x}"
+            hashes[role] = f"{perceptual_hash(pixels[role]):016x}"
         if "high" in pixels and pixels["high"].shape != pixels["low"].shape:
             raise SkippableInputError(
                 [sample.low, sample.high],
@@ -187,7 +186,7 @@ def build_shards(config: BuildConfig) -> dict[str, Any]:
         val_fraction=config.val_fraction,
         test_fraction=config.test_fraction,
         test_fold=config.test_fold,
-        fold_duplicate_distance=config.overlap_distance,
+        duplicate_distance=config.overlap_distance,
         labeled_fraction=config.labeled_fraction,
         drop_unused_pairs=config.drop_unused_pairs,
         labeled_lows_as_unlabeled=config.labeled_lows_as_unlabeled,
@@ -297,12 +296,13 @@ def manifest_dict(
 
 
 def check_overlaps(records: list[dict[str, Any]], max_distance: int) -> None:
-    """Raise UserError listing every unlabeled image within `max_distance` pHash bits of a val/test image."""
-    unlabeled = [
-        (r["sources"]["low"]["path"], int(h, 16))
+    """Raise UserError listing every labeled or unlabeled image within `max_distance` pHash bits of a val/test
+    image: a model trained on it would be scored on a copy of what it learnt."""
+    training = [
+        (r["split"], r["sources"][role]["path"], int(h, 16))
         for r in records
-        if r["split"] == "unlabeled"
-        for h in r["phash"].values()
+        if r["split"] in ("labeled", "unlabeled")
+        for role, h in r["phash"].items()
     ]
     held_out = [
         (r["sources"][role]["path"], int(h, 16))
@@ -310,20 +310,20 @@ def check_overlaps(records: list[dict[str, Any]], max_distance: int) -> None:
         if r["split"] in ("val", "test")
         for role, h in r["phash"].items()
     ]
-    if not unlabeled or not held_out:
+    if not training or not held_out:
         return
-    distances = hamming_matrix([h for _, h in unlabeled], [h for _, h in held_out])  # (U, E)
+    distances = hamming_matrix([h for *_, h in training], [h for _, h in held_out])  # (T, E)
     found = sorted(
         {
-            (unlabeled[i][0], held_out[j][0], int(distances[i, j]))
+            (training[i][0], training[i][1], held_out[j][0], int(distances[i, j]))
             for i, j in zip(*np.nonzero(distances <= max_distance), strict=True)
         }
     )
     if found:
-        listing = "; ".join(f"{u} ~ {e} (distance {d})" for u, e, d in found)
+        listing = "; ".join(f"{split} {u} ~ {e} (distance {d})" for split, u, e, d in found)
         raise UserError(
-            f"{len(found)} unlabeled image(s) duplicate val/test images (pHash distance <= {max_distance}): "
-            f"{listing}; remove them from the unlabeled set or pass --allow-overlap"
+            f"{len(found)} training image(s) duplicate val/test images (pHash distance <= {max_distance}): "
+            f"{listing}; remove them from the training set or pass --allow-overlap"
         )
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from semi_llie.data.illumination import hamming_matrix, perceptual_hash
-from semi_llie.data.images import is_image_file, load_rgb8
+from semi_llie.data.images import BadImageError, is_image_file, load_rgb8
 from semi_llie.data.problems import SkippableInputError
 from semi_llie.errors import UserError
 
@@ -132,7 +132,7 @@ def collect_inputs(
     val_fraction: float | None = None,
     test_fraction: float | None = None,
     test_fold: tuple[int, int] | None = None,
-    fold_duplicate_distance: int = 6,
+    duplicate_distance: int = 6,
     labeled_fraction: float = 1.0,
     drop_unused_pairs: bool = False,
     labeled_lows_as_unlabeled: bool = False,
@@ -144,9 +144,9 @@ def collect_inputs(
     `--pairs` folders and `ROOT/labeled` are split into labeled/val/test by `split_pairs` when no root has a
     `val/` folder; `val_fraction`/`test_fraction` of None mean "0.1 / 0 when splitting, else 0".
     `test_fold` (index, count), 1-based, holds out fold `index` of `count` instead of `test_fraction`: the
-    builds for index 1..count test every pair exactly once (cross-validation). Pairs whose low or high
-    images are within `fold_duplicate_distance` pHash bits of each other (LOL has two such scenes) share one
-    split, so that no fold trains on a copy of an image it tests.
+    builds for index 1..count test every pair exactly once (cross-validation). In a drawn split, pairs whose
+    low or high images are within `duplicate_distance` pHash bits of each other (LOL has two such scenes)
+    share one split, so that nothing trains on a copy of an image it is scored on.
     `labeled_fraction` < 1 keeps a seeded subset of the labeled pairs and moves the other pairs' low images
     to the unlabeled split (their ground truth is dropped), or with `drop_unused_pairs` leaves them out: a
     label-efficiency study on one paired set, with same-domain or other unlabeled data.
@@ -205,13 +205,16 @@ def collect_inputs(
             "--val-fraction/--test-fraction/--test-fold split the labeled pairs, but a --root already has a "
             "val/ split; drop them or the val/ folder"
         )
+    val_fraction = 0.0 if has_val_split else (0.1 if val_fraction is None else val_fraction)
+    test_fraction = test_fraction or 0.0
+    draws_held_out = bool(val_fraction or test_fraction or test_fold)
     split_of = split_pairs(
         sorted((tag, stem) for tag, stem, _, _ in labeled_pairs),
-        val_fraction=0.0 if has_val_split else (0.1 if val_fraction is None else val_fraction),
-        test_fraction=test_fraction or 0.0,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
         test_fold=test_fold,
         seed=seed,
-        groups=near_duplicate_groups(labeled_pairs, fold_duplicate_distance) if test_fold else None,
+        groups=near_duplicate_groups(labeled_pairs, duplicate_distance) if draws_held_out else None,
     )
     unlabeled_now = pairs_without_labels(
         sorted(key for key, split in split_of.items() if split == "labeled"), labeled_fraction, seed
@@ -298,8 +301,10 @@ def near_duplicate_groups(
     another pair's; pairs without a near duplicate are left out. Groups are closed under chaining."""
     if not pairs:
         return {}
-    hashes = [perceptual_hash(load_rgb8(path)) for _, _, low, high in pairs for path in (low, high)]
-    close = hamming_matrix(hashes, hashes) <= max_distance  # (2 pairs, 2 pairs): low, high of each pair
+    hashes = [_hash_or_none(path) for _, _, low, high in pairs for path in (low, high)]
+    unreadable = np.array([h is None for h in hashes])
+    close = hamming_matrix([h or 0 for h in hashes], [h or 0 for h in hashes]) <= max_distance
+    close[unreadable] = close[:, unreadable] = False  # (2 pairs, 2 pairs): low, high of each pair
     close = close.reshape(len(pairs), 2, len(pairs), 2).any(axis=(1, 3))  # (pairs, pairs)
     parent = list(range(len(pairs)))
 
@@ -316,6 +321,14 @@ def near_duplicate_groups(
     return {
         (pairs[i][0], pairs[i][1]): group for group, found in members.items() if len(found) > 1 for i in found
     }
+
+
+def _hash_or_none(path: Path) -> int | None:
+    """The image's pHash, or None when it cannot be read: the build reports (or skips) it when encoding."""
+    try:
+        return perceptual_hash(load_rgb8(path))
+    except BadImageError:
+        return None
 
 
 def pairs_without_labels(
