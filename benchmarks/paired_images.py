@@ -11,7 +11,8 @@ Reads `DIR/children/*/eval-SPLIT/per_image.csv` and `sweep_done.json` (seed) of 
 --evaluate-split test` writes eval-test, and `semi-llie evaluate --data SHARDS --split val --checkpoint CHILD
 --out CHILD/eval-val` adds val. Children of one seed that scored different images are joined: a sweep with
 `--grid data.shards=` over the cross-validation folds (`shards build --test-fold I/K`) scores every image
-once per seed. A seed that did not score every image in both arms (a sweep still running) is left out.
+once per seed on test (not on val: the folds share val pairs). A seed that did not score every image in both
+arms (a sweep still running) is left out.
 
     python benchmarks/paired_images.py --a runs/few/rule_25 --b runs/few/file_25 --split val --metric psnr
 """
@@ -41,7 +42,8 @@ def per_image_scores(arm: Path, split: str, metric: str) -> dict[int, dict[str, 
         if twice:
             raise ValueError(
                 f"{arm.name}: {len(twice)} image(s) scored by two children of seed {seed} (e.g. "
-                f"{min(twice)}); compare arms whose children of one seed score different images (folds)"
+                f"{min(twice)}); only children of one seed that score different images are joined: the "
+                "test splits of --test-fold folds are, their val splits share pairs"
             )
         scores.setdefault(seed, {}).update(found)
     return scores

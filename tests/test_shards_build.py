@@ -19,7 +19,7 @@ from shard_helpers import make_dataset, save, smooth_image
 from semi_llie.cli import main as cli
 from semi_llie.data.build import BuildConfig, build_shards
 from semi_llie.data.build_cli import statistics_lines, summary
-from semi_llie.data.illumination import illumination_map
+from semi_llie.data.illumination import close_hashes, illumination_map
 from semi_llie.data.images import load_rgb8
 from semi_llie.data.manifest import input_statistics, unlabeled_brightness_check
 from semi_llie.data.sources import sample_key, split_pairs
@@ -262,6 +262,35 @@ def test_groups_take_the_split_of_their_first_item_in_the_order():
         items, val_fraction=0.2, test_fraction=0.0, seed=3, test_fold=(2, 4), groups={first: 0, last: 0}
     )
     assert grouped == {**plain, last: "val"}
+
+    # The same with fractions: a test item grouped with the first (val) item joins val.
+    plain = split_pairs(items, val_fraction=0.1, test_fraction=0.2, seed=3)
+    test_item = next(item for item in order if plain[item] == "test")
+    grouped = split_pairs(items, val_fraction=0.1, test_fraction=0.2, seed=3, groups={first: 5, test_item: 5})
+    assert grouped == {**plain, test_item: "val"}
+
+
+def test_groups_that_empty_a_split_are_refused():
+    items = [("lol", f"{i:02d}") for i in range(10)]
+    with pytest.raises(UserError, match="leave labeled and test empty"):  # all in one scene: all go to val
+        split_pairs(items, val_fraction=0.1, test_fraction=0.1, seed=0, groups={item: 0 for item in items})
+    order = [items[i] for i in np.random.default_rng(0).permutation(10)]
+    val_item, test_item = order[0], order[1]  # 10 % each: one val pair, then one test pair
+    with pytest.raises(UserError, match="leave test empty"):
+        split_pairs(items, val_fraction=0.1, test_fraction=0.1, seed=0, groups={val_item: 0, test_item: 0})
+
+
+def test_close_hashes_matches_a_naive_loop_across_blocks():
+    rng = np.random.default_rng(0)
+    a = [int(x) for x in rng.integers(0, 2**63, 600, dtype=np.int64)]  # 600 rows: three blocks of 256
+    b = [int(x) for x in rng.integers(0, 2**63, 40, dtype=np.int64)]
+    a[300] = b[7] ^ 0b1011  # 3 bits apart
+    a[599] = b[0]  # equal, in the last block
+    rows, cols = close_hashes(a, b, 3)
+    naive = [(i, j) for i in range(600) for j in range(40) if bin(a[i] ^ b[j]).count("1") <= 3]
+    assert list(zip(rows.tolist(), cols.tolist(), strict=True)) == naive
+    assert {(300, 7), (599, 0)} <= set(naive)
+    assert [len(x) for x in close_hashes([], b, 3)] == [0, 0]
 
 
 def test_labeled_fraction_keeps_val_and_test_and_moves_or_drops_the_other_pairs(tmp_path, dataset):
@@ -541,6 +570,23 @@ def test_merge_needs_every_part_built_with_the_same_arguments(dataset, tmp_path,
     assert build(tmp_path, dataset, "--part", "2/2", "--seed", "5") == 0
     message = error_of(capsys, cli(["shards", "merge", str(tmp_path)]))
     assert "manifest.part-2-of-2.json" in message and "seed" in message
+
+    # A part from a builder before near-duplicate pairs were kept together may split a pair differently.
+    assert build(tmp_path, dataset, "--part", "2/2", "--overwrite") == 0
+    part = tmp_path / "manifest.part-2-of-2.json"
+    older = json.loads(part.read_text())
+    del older["builder"]["arguments"]["split_rule"]
+    part.write_text(json.dumps(older))
+    message = error_of(capsys, cli(["shards", "merge", str(tmp_path)]))
+    assert "manifest.part-2-of-2.json" in message and "split_rule" in message
+
+
+def test_an_existing_build_is_refused_before_any_image_is_read(built, dataset, monkeypatch, capsys):
+    def no_reading(*args, **kwargs):
+        raise AssertionError("inputs collected before the output was checked")
+
+    monkeypatch.setattr("semi_llie.data.build.collect_inputs", no_reading)
+    assert "already exists; pass --overwrite" in error_of(capsys, build(built, dataset))
 
 
 LOL_LOW = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "lol_v1_train115" / "low"

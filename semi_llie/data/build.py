@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from semi_llie.data.illumination import hamming_matrix, illumination_map, perceptual_hash
+from semi_llie.data.illumination import close_hashes, illumination_map, perceptual_hash
 from semi_llie.data.images import encode_png, load_rgb8
 from semi_llie.data.manifest import (
     FORMAT,
@@ -32,12 +32,13 @@ from semi_llie.data.manifest import (
     unlabeled_brightness_check,
 )
 from semi_llie.data.problems import SkippableInputError
-from semi_llie.data.sources import SPLITS, Sample, collect_inputs
+from semi_llie.data.sources import SPLITS, Sample, collect_inputs, hash_or_none
 from semi_llie.errors import UserError
 from semi_llie.fileio import commit, temporary_path, write_json_atomic
 
 SMALL_FLAG = "smaller_than_crop"
 BRIGHTNESS_FLAG = "unlabeled_unlike_labeled"
+SPLIT_RULE = "near-duplicates-together"  # see BuildConfig.recorded_arguments
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,13 @@ class BuildConfig:
         object.__setattr__(self, "out", Path(self.out))  # callers may pass a str
 
     def recorded_arguments(self) -> dict[str, Any]:
-        """The arguments that change the output: parts of one dataset must agree on all of them."""
+        """The arguments that change the output: parts of one dataset must agree on all of them.
+
+        `split_rule` names how pairs are drawn into splits; parts from a builder with another rule (or none:
+        before near-duplicate pairs were kept together) may disagree on a pair's split and are not merged.
+        """
         skip = {"out", "part", "workers", "overwrite"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        return {**{k: v for k, v in asdict(self).items() if k not in skip}, "split_rule": SPLIT_RULE}
 
 
 @dataclass
@@ -179,6 +184,9 @@ class ShardWriter:
 
 def build_shards(config: BuildConfig) -> dict[str, Any]:
     """Build the shards (or one part of them) and write the (part) manifest; return the manifest."""
+    manifest_path = config.out / (part_manifest_name(*config.part) if config.part else MANIFEST_NAME)
+    if manifest_path.exists() and not config.overwrite:  # before reading any image
+        raise UserError(f"{manifest_path} already exists; pass --overwrite to rebuild into {config.out}")
     inputs = collect_inputs(
         [(Path(lo), Path(hi)) for lo, hi in config.pairs],
         [Path(d) for d in config.unlabeled],
@@ -187,6 +195,7 @@ def build_shards(config: BuildConfig) -> dict[str, Any]:
         test_fraction=config.test_fraction,
         test_fold=config.test_fold,
         duplicate_distance=config.overlap_distance,
+        hash_images=lambda paths: _hashes(paths, config.workers),
         labeled_fraction=config.labeled_fraction,
         drop_unused_pairs=config.drop_unused_pairs,
         labeled_lows_as_unlabeled=config.labeled_lows_as_unlabeled,
@@ -194,7 +203,6 @@ def build_shards(config: BuildConfig) -> dict[str, Any]:
         skip_bad=config.skip_bad,
     )
     samples = part_samples(inputs.samples, config.part)
-    manifest_path = config.out / (part_manifest_name(*config.part) if config.part else MANIFEST_NAME)
     _prepare_output(config, manifest_path)
 
     skipped = [problem.record() for problem in inputs.skipped]
@@ -310,13 +318,11 @@ def check_overlaps(records: list[dict[str, Any]], max_distance: int) -> None:
         if r["split"] in ("val", "test")
         for role, h in r["phash"].items()
     ]
-    if not training or not held_out:
-        return
-    distances = hamming_matrix([h for *_, h in training], [h for _, h in held_out])  # (T, E)
+    rows, cols = close_hashes([h for *_, h in training], [h for _, h in held_out], max_distance)
     found = sorted(
         {
-            (training[i][0], training[i][1], held_out[j][0], int(distances[i, j]))
-            for i, j in zip(*np.nonzero(distances <= max_distance), strict=True)
+            (training[i][0], training[i][1], held_out[j][0], (training[i][2] ^ held_out[j][1]).bit_count())
+            for i, j in zip(rows, cols, strict=True)
         }
     )
     if found:
@@ -335,6 +341,14 @@ def _encoded(samples: list[Sample], config: BuildConfig) -> Iterator[EncodedSamp
     # spawn: worker processes must not inherit the parent's threads or open tar files.
     with multiprocessing.get_context("spawn").Pool(config.workers, initializer=_one_thread) as pool:
         yield from pool.imap(_encode_star, [(s, config.crop_size) for s in samples], chunksize=1)
+
+
+def _hashes(paths: list[Path], workers: int) -> list[int | None]:
+    """pHash of each image (None where unreadable), from `workers` processes (or this one)."""
+    if workers <= 1 or len(paths) < 64:  # starting the processes costs more than hashing a few images
+        return [hash_or_none(path) for path in paths]
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_one_thread) as pool:
+        return pool.map(hash_or_none, paths, chunksize=8)
 
 
 def _one_thread() -> None:

@@ -108,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=6,
         help="pHash Hamming distance (of 64 bits) at or below which images count as duplicates (the leak "
-        "guard; pairs kept in one fold by --test-fold)",
+        "guard; near-duplicate pairs share one split when the split is drawn)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing build (or part) in OUT")
 

@@ -86,14 +86,20 @@ def perceptual_hash(rgb: np.ndarray) -> int:
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
-def hamming_matrix(a: list[int], b: list[int]) -> np.ndarray:
-    """(len(a), len(b)) Hamming distances between 64-bit hashes, computed in row blocks."""
+def close_hashes(a: list[int], b: list[int], max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (i, j) of the 64-bit hashes a[i], b[j] at most `max_distance` bits apart, in row order.
+
+    Computed in blocks of 256 rows, so memory stays at about 5 KB × len(b) whatever len(a) is.
+    """
     left, right = np.array(a, dtype=np.uint64), np.array(b, dtype=np.uint64)
-    rows = []
-    for start in range(0, len(left), 1024):
-        xor = left[start : start + 1024, None] ^ right[None, :]  # (block, E) uint64
-        rows.append(_POPCOUNT[xor[..., None].view(np.uint8)].sum(axis=-1, dtype=np.int32))
-    return np.concatenate(rows)
+    rows, cols = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    for start in range(0, len(left), 256):
+        xor = left[start : start + 256, None] ^ right[None, :]  # (block, len(b)) uint64
+        distances = _POPCOUNT[xor[..., None].view(np.uint8)].sum(axis=-1, dtype=np.int32)
+        found_rows, found_cols = np.nonzero(distances <= max_distance)
+        rows.append(found_rows + start)
+        cols.append(found_cols)
+    return np.concatenate(rows), np.concatenate(cols)
 
 
 def _area_resize(gray: np.ndarray, size: int) -> np.ndarray:

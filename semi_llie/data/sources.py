@@ -9,13 +9,14 @@ keys, an empty or missing folder) always stop the build.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from semi_llie.data.illumination import hamming_matrix, perceptual_hash
+from semi_llie.data.illumination import close_hashes, perceptual_hash
 from semi_llie.data.images import BadImageError, is_image_file, load_rgb8
 from semi_llie.data.problems import SkippableInputError
 from semi_llie.errors import UserError
@@ -133,6 +134,7 @@ def collect_inputs(
     test_fraction: float | None = None,
     test_fold: tuple[int, int] | None = None,
     duplicate_distance: int = 6,
+    hash_images: Callable[[list[Path]], list[int | None]] | None = None,
     labeled_fraction: float = 1.0,
     drop_unused_pairs: bool = False,
     labeled_lows_as_unlabeled: bool = False,
@@ -146,7 +148,8 @@ def collect_inputs(
     `test_fold` (index, count), 1-based, holds out fold `index` of `count` instead of `test_fraction`: the
     builds for index 1..count test every pair exactly once (cross-validation). In a drawn split, pairs whose
     low or high images are within `duplicate_distance` pHash bits of each other (LOL has two such scenes)
-    share one split, so that nothing trains on a copy of an image it is scored on.
+    share one split, so that nothing trains on a copy of an image it is scored on; `hash_images` hashes their
+    images for that (default: one after another in this process).
     `labeled_fraction` < 1 keeps a seeded subset of the labeled pairs and moves the other pairs' low images
     to the unlabeled split (their ground truth is dropped), or with `drop_unused_pairs` leaves them out: a
     label-efficiency study on one paired set, with same-domain or other unlabeled data.
@@ -214,7 +217,11 @@ def collect_inputs(
         test_fraction=test_fraction,
         test_fold=test_fold,
         seed=seed,
-        groups=near_duplicate_groups(labeled_pairs, duplicate_distance) if draws_held_out else None,
+        groups=(
+            near_duplicate_groups(labeled_pairs, duplicate_distance, hash_images or _hash_each)
+            if draws_held_out
+            else None
+        ),
     )
     unlabeled_now = pairs_without_labels(
         sorted(key for key, split in split_of.items() if split == "labeled"), labeled_fraction, seed
@@ -251,10 +258,11 @@ def split_pairs(
 
     One seeded permutation orders the items. With `test_fraction` its first `val_fraction` go to val and the
     next `test_fraction` to test. With `test_fold` = (index, count) the permutation is cut into `count`
-    near-equal folds, fold `index` (1-based) is test, and val is the first `val_fraction` of the items in the
-    other folds: over index 1..count every item is tested once, and the val and labeled items of each build
-    are drawn from the other folds only. Items of one of `groups` (item -> group id) all take the split of
-    the group's first item in the order.
+    near-equal folds, fold `index` (1-based) is test, and val is the first `val_fraction` × all items of the
+    order outside that fold (so builds 2..count share their val items): over index 1..count every item is
+    tested once, and each build's val and labeled items come from the other folds. Items of one of `groups`
+    (item -> group id) all take the split of the group's first item in the order; a split that grouping
+    leaves empty is an error.
     """
     for name, fraction in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
         if not 0.0 <= fraction < 1.0:
@@ -291,21 +299,34 @@ def split_pairs(
             if items[index] in groups:
                 group = groups[items[index]]
                 split_of[items[index]] = first_of_group.setdefault(group, split_of[items[index]])
+        wanted = {"labeled", "test"} if len(test) else {"labeled"}
+        emptied = sorted((wanted | ({"val"} if n_val else set())) - set(split_of.values()))
+        if emptied:
+            raise UserError(
+                f"near-duplicate pairs share one split, and their groups leave {' and '.join(emptied)} empty "
+                f"(the largest group holds {max(Counter(groups.values()).values())} of {len(items)} pairs); "
+                "lower --overlap-distance, remove the duplicates or change --seed"
+            )
     return split_of
 
 
 def near_duplicate_groups(
-    pairs: list[tuple[str, str, Path, Path]], max_distance: int
+    pairs: list[tuple[str, str, Path, Path]],
+    max_distance: int,
+    hash_images: Callable[[list[Path]], list[int | None]],
 ) -> dict[tuple[str, str], int]:
     """(tag, stem) -> group id for the pairs with a low or high image within `max_distance` pHash bits of
-    another pair's; pairs without a near duplicate are left out. Groups are closed under chaining."""
+    another pair's; pairs without a near duplicate are left out. Groups are closed under chaining.
+
+    `hash_images` maps image paths to their pHash, None for an unreadable one (left to the encoder to report).
+    """
     if not pairs:
         return {}
-    hashes = [_hash_or_none(path) for _, _, low, high in pairs for path in (low, high)]
-    unreadable = np.array([h is None for h in hashes])
-    close = hamming_matrix([h or 0 for h in hashes], [h or 0 for h in hashes]) <= max_distance
-    close[unreadable] = close[:, unreadable] = False  # (2 pairs, 2 pairs): low, high of each pair
-    close = close.reshape(len(pairs), 2, len(pairs), 2).any(axis=(1, 3))  # (pairs, pairs)
+    hashes = hash_images(
+        [path for _, _, low, high in pairs for path in (low, high)]
+    )  # low, high of each pair
+    readable = [i for i, h in enumerate(hashes) if h is not None]
+    known = [hashes[i] for i in readable]
     parent = list(range(len(pairs)))
 
     def root(i: int) -> int:
@@ -313,8 +334,10 @@ def near_duplicate_groups(
             i = parent[i]
         return i
 
-    for i, j in zip(*np.nonzero(np.triu(close, k=1)), strict=True):
-        parent[root(int(j))] = root(int(i))
+    for a, b in zip(*close_hashes(known, known, max_distance), strict=True):
+        i, j = readable[a] // 2, readable[b] // 2  # image index -> pair index
+        if i != j:
+            parent[root(j)] = root(i)
     members: dict[int, list[int]] = {}
     for i in range(len(pairs)):
         members.setdefault(root(i), []).append(i)
@@ -323,7 +346,11 @@ def near_duplicate_groups(
     }
 
 
-def _hash_or_none(path: Path) -> int | None:
+def _hash_each(paths: list[Path]) -> list[int | None]:
+    return [hash_or_none(path) for path in paths]
+
+
+def hash_or_none(path: Path) -> int | None:
     """The image's pHash, or None when it cannot be read: the build reports (or skips) it when encoding."""
     try:
         return perceptual_hash(load_rgb8(path))
