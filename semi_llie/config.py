@@ -41,7 +41,7 @@ DEFAULT_LOSS_CONFIG: dict[str, dict[str, Any]] = {
     "gradient": {"type": "GradientLoss", "loss_weight": 0.1},
     "consistency": {"type": "ConsistencyLoss", "loss_weight": 1.0},
     "contrastive": {"type": "SemanticContrastiveLoss", "loss_weight": 1.0},
-    "unsup_weight": {"weight": 0.1, "ramp_length": 100, "unit": "epoch", "until": None, "scale": "none"},
+    "unsup_weight": {"weight": 0.1, "ramp_length": 100, "unit": "epoch", "until": None},
 }
 
 
@@ -115,10 +115,6 @@ class TeacherConfig(Block):
     # Pseudo-label: the teacher on the weak view (the paper), or averaged over the view's 8 dihedral
     # symmetries (docs/results/label_efficiency.md measures both).
     pseudo_label: Literal["weak", "dihedral8"] = "weak"
-    # The pseudo-label's brightness: the teacher's own (the paper), or every pseudo-label scaled to the
-    # labeled targets' mean grey level (`labeled_mean`: distribution alignment as in ReMixMatch, for the one
-    # number per image that is most of a pseudo-label's error on LOL: docs/results/label_efficiency.md).
-    pseudo_label_brightness: Literal["teacher", "labeled_mean"] = "teacher"
 
 
 class OptimConfig(Block):
@@ -180,8 +176,8 @@ class Config(Block):
     data: DataConfig
     # The objective (semi_llie.losses.build_objective): slots fidelity, ram_perceptual, gradient, consistency,
     # contrastive (loss blocks with `type:` and `loss_weight`), semantic (the frozen RAM/SAM extractor
-    # block) and unsup_weight (weight, ramp_length, unit: epoch|step, until, scale:
-    # none|unlabeled_per_labeled). A slot left out takes the paper's block.
+    # block) and unsup_weight (weight, ramp_length, unit: epoch|step, until). A slot left out takes the
+    # paper's block.
     losses: dict[str, dict[str, Any]] = Field(default_factory=dict)
     bank: BankConfig = Field(default_factory=BankConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)

@@ -227,21 +227,6 @@ def test_ramp_shape_and_units():
         RampedWeight(unit="iteration")
 
 
-def test_ramp_scaled_by_unlabeled_per_labeled_is_capped_at_one():
-    per_labeled = {"scale": "unlabeled_per_labeled", "unlabeled_per_labeled": 74 / 8}
-    scaled = RampedWeight(weight=0.1, ramp_length=0, **per_labeled)
-    assert scaled(epoch=0, step=0) == pytest.approx(0.925)  # 0.1 · 74 unlabeled / 8 labeled
-    assert RampedWeight(weight=0.1, scale="unlabeled_per_labeled", unlabeled_per_labeled=1.0).weight == 0.1
-    assert RampedWeight(weight=0.1, scale="unlabeled_per_labeled", unlabeled_per_labeled=30.0).weight == 1.0
-    assert RampedWeight(weight=0.1, unlabeled_per_labeled=30.0).weight == 0.1  # scale "none" ignores it
-    with pytest.raises(ConfigError, match="ratio"):
-        RampedWeight(scale="unlabeled_per_labeled")
-    with pytest.raises(ConfigError, match="scale"):
-        RampedWeight(scale="labels")
-    with pytest.raises(ConfigError, match="counted from the shards"):
-        build_objective({"unsup_weight": {"unlabeled_per_labeled": 2.0}})
-
-
 def test_config_errors_name_the_problem():
     with pytest.raises(ConfigError, match="fidelty"):
         build_objective({"fidelty": {}})

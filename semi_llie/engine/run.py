@@ -23,11 +23,8 @@ from torch import nn
 from semi_llie.config import Config, Schedule, flatten
 from semi_llie.data.manifest import Manifest
 from semi_llie.data.streams import (
-    decode,
     labeled_loader,
     owner_ranks,
-    rank_assignment,
-    read_samples,
     unlabeled_loader,
 )
 from semi_llie.engine import checkpointing
@@ -38,7 +35,7 @@ from semi_llie.fileio import write_text_atomic
 from semi_llie.losses import SemiLLIEObjective, build_objective
 from semi_llie.method.bank import ReliableBank
 from semi_llie.method.teacher import EMATeacher
-from semi_llie.metrics.full_reference import FullReferenceMetrics, grey_mean
+from semi_llie.metrics.full_reference import FullReferenceMetrics
 from semi_llie.models import build_model
 
 logger = logging.getLogger(__name__)
@@ -162,28 +159,6 @@ class Streams:
         return labeled, unlabeled
 
 
-def labeled_brightness(manifest: Manifest) -> float:
-    """The labeled targets' mean grey level in (0, 1] (`teacher.pseudo_label_brightness: labeled_mean`).
-
-    It reads every labeled sample of the shards whatever the rank (no rank enters the assignment), decoding
-    each target once at start-up: seconds on LOL's 485 pairs; a large labeled set would want the level
-    stored in the manifest by `shards build` instead."""
-    assignment = rank_assignment(manifest.shards_of("labeled"), rank=0, world_size=1)
-    levels = [
-        float(grey_mean(decode(raw["high.png"])[None].float() / 255.0))
-        for raw in read_samples(manifest, assignment)
-    ]
-    brightness = sum(levels) / len(levels)
-    logger.info("pseudo-labels scaled to the labeled targets' mean grey level %.4f", brightness)
-    return brightness
-
-
-def unlabeled_per_labeled(manifest: Manifest) -> float | None:
-    """The shards' unlabeled samples per labeled pair (`losses.unsup_weight.scale`); None without labels."""
-    labeled = manifest.num_samples("labeled")
-    return manifest.num_samples("unlabeled") / labeled if labeled else None
-
-
 def setup_run(cfg: Config, resume: str | None, overwrite: bool) -> Run:
     config_yaml = cfg.to_yaml()
     output_dir = Path(cfg.train.output_dir)
@@ -215,12 +190,8 @@ def setup_run(cfg: Config, resume: str | None, overwrite: bool) -> Run:
     # Models. The same seed on every rank makes the student (and so the teacher copy) identical everywhere.
     set_seed(cfg.data.seed)
     student = build_model(cfg.model)
-    aligned = cfg.teacher.pseudo_label_brightness == "labeled_mean"
-    brightness = labeled_brightness(manifest) if aligned else None
-    teacher = EMATeacher(student, decay=cfg.teacher.decay, brightness=brightness).to(accelerator.device)
-    objective = build_objective(cfg.losses, unlabeled_per_labeled=unlabeled_per_labeled(manifest))
-    objective = objective.to(accelerator.device)  # holds the frozen semantic extractor
-    logger.info("unsupervised weight %s", objective.unsup_weight)
+    teacher = EMATeacher(student, decay=cfg.teacher.decay).to(accelerator.device)
+    objective = build_objective(cfg.losses).to(accelerator.device)  # holds the frozen semantic extractor
     use_unlabeled = objective.needs_unlabeled and cfg.data.batch_size_unlabeled > 0
     bank = (
         ReliableBank.from_config(cfg.bank, accelerator.device, rank)

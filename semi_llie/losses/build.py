@@ -7,7 +7,7 @@
       gradient:       {type: GradientLoss, loss_weight: 0.1}
       consistency:    {type: ConsistencyLoss, loss_weight: 1.0}
       contrastive:    {type: SemanticContrastiveLoss, loss_weight: 1.0}
-      unsup_weight:   {weight: 0.1, ramp_length: 100, unit: epoch, until: null, scale: none}
+      unsup_weight:   {weight: 0.1, ramp_length: 100, unit: epoch, until: null}
 
 A slot left out takes the paper's block above (`semi_llie.config.DEFAULT_LOSS_CONFIG`); a term is switched
 off with `loss_weight: 0` or `enabled: false`. The semantic extractor is built only when a term uses it.
@@ -141,15 +141,12 @@ class SemiLLIEObjective(nn.Module):
 
 
 def build_objective(
-    cfg: Mapping[str, Any] | None = None,
-    semantic: FrozenExtractor | None = None,
-    unlabeled_per_labeled: float | None = None,
+    cfg: Mapping[str, Any] | None = None, semantic: FrozenExtractor | None = None
 ) -> SemiLLIEObjective:
     """Build the objective from a `loss:` block (slots as in the module docstring).
 
     `semantic` injects an already built extractor (tests, or sharing one across objectives); otherwise
-    the `semantic` block is built, and only if an enabled term needs it. `unlabeled_per_labeled` (the
-    shards' unlabeled / labeled sample counts) is what `unsup_weight.scale: unlabeled_per_labeled` reads.
+    the `semantic` block is built, and only if an enabled term needs it.
     """
     cfg = dict(cfg or {})
     unknown = sorted(set(cfg) - set(DEFAULT_LOSS_CONFIG))
@@ -158,9 +155,7 @@ def build_objective(
     blocks = {slot: _with_defaults(cfg.get(slot), default) for slot, default in DEFAULT_LOSS_CONFIG.items()}
     ramp_block = blocks["unsup_weight"]
     check_kwargs(RampedWeight, ramp_block, where="loss slot 'unsup_weight'")
-    if "unlabeled_per_labeled" in ramp_block:
-        raise ConfigError("unsup_weight.unlabeled_per_labeled is counted from the shards; set `scale`")
-    unsup_weight = RampedWeight(**ramp_block, unlabeled_per_labeled=unlabeled_per_labeled)
+    unsup_weight = RampedWeight(**ramp_block)
 
     def switched_on(block: Mapping[str, Any]) -> bool:
         return block.get("enabled", True) and block.get("loss_weight", 1.0) > 0

@@ -1,6 +1,5 @@
 """The ramped weight of the unsupervised loss: w(e) = weight · exp(-5 · (1 - min(e, R) / R)²), and 0 from
-`until` on when set. With `scale: unlabeled_per_labeled`, `weight` is first multiplied by the shards' count
-of unlabeled images per labeled pair and capped at 1."""
+`until` on when set."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import math
 from semi_llie.errors import ConfigError
 
 RAMP_UNITS = ("epoch", "step")
-WEIGHT_SCALES = ("none", "unlabeled_per_labeled")
 
 
 class RampedWeight:
@@ -19,10 +17,6 @@ class RampedWeight:
     "step" (optimizer steps). `ramp_length` 0 means no ramp: the full weight from the start. `until` (None:
     never) ends the unlabeled branch: from e ≥ until the weight is 0 and the trainer stops drawing unlabeled
     batches, so the student trains on labels alone while the EMA teacher goes on averaging it.
-
-    `scale` "unlabeled_per_labeled" makes the weight min(1, weight · unlabeled_per_labeled), the ratio of
-    the shards' unlabeled to labeled samples: the fewer the labels, the more the pseudo-labels count, and
-    never more than the labels (measured in docs/results/label_efficiency.md, fourteenth session).
     """
 
     def __init__(
@@ -31,8 +25,6 @@ class RampedWeight:
         ramp_length: float = 100,
         unit: str = "epoch",
         until: float | None = None,
-        scale: str = "none",
-        unlabeled_per_labeled: float | None = None,
     ) -> None:
         if unit not in RAMP_UNITS:
             raise ConfigError(f"unsup_weight.unit is {unit!r}; use one of {', '.join(RAMP_UNITS)}")
@@ -40,14 +32,6 @@ class RampedWeight:
             raise ConfigError("unsup_weight.weight and unsup_weight.ramp_length must be >= 0")
         if until is not None and until <= 0:
             raise ConfigError("unsup_weight.until must be > 0 (or null: the unlabeled branch never stops)")
-        if scale not in WEIGHT_SCALES:
-            raise ConfigError(f"unsup_weight.scale is {scale!r}; use one of {', '.join(WEIGHT_SCALES)}")
-        if scale == "unlabeled_per_labeled":
-            if unlabeled_per_labeled is None or unlabeled_per_labeled < 0:
-                raise ConfigError(
-                    "unsup_weight.scale unlabeled_per_labeled needs the shards' unlabeled-per-labeled ratio"
-                )
-            weight = min(1.0, weight * unlabeled_per_labeled)
         self.weight = float(weight)
         self.ramp_length = float(ramp_length)
         self.unit = unit

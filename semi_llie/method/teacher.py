@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from semi_llie.data.augment import dihedral, undo_dihedral
-from semi_llie.metrics.full_reference import scaled_to_grey
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -44,13 +43,10 @@ class EMATeacher:
     its own keys; `state_dict()` is the teacher's checkpoint format.
     """
 
-    def __init__(self, student: nn.Module, decay: float = 0.996, brightness: float | None = None) -> None:
-        """`brightness` in (0, 1]: every pseudo-label is scaled to this mean grey level (None: its own)."""
+    def __init__(self, student: nn.Module, decay: float = 0.996) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        if brightness is not None and not 0.0 < brightness <= 1.0:
-            raise ValueError(f"pseudo-label brightness must be in (0, 1], got {brightness}")
-        self.decay, self.brightness = decay, brightness
+        self.decay = decay
         self.model = copy.deepcopy(unwrap(student))
         self.model.requires_grad_(False)
         self.model.eval()
@@ -85,15 +81,8 @@ class EMATeacher:
 
         symmetries=8 averages the teacher over the 8 dihedral transforms of each view, each undone on its
         output: the scan directions make the model not equivariant, so the 8 outputs differ and their mean
-        is a better target than any one of them. The 8 transforms run as one 8B batch. With `brightness`
-        set, the label is then scaled to that mean grey level (clamped to [0, 1]).
+        is a better target than any one of them. The 8 transforms run as one 8B batch.
         """
-        label = self._pseudo_label(weak, illum, symmetries)
-        if self.brightness is None:
-            return label
-        return scaled_to_grey(label, self.brightness)
-
-    def _pseudo_label(self, weak: Tensor, illum: Tensor | None, symmetries: int) -> Tensor:
         if symmetries == 1:
             return self.model(weak, illum)[0].float().clamp(0, 1)
         if symmetries != 8:
